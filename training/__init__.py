@@ -1,0 +1,1 @@
+"""protoserve training: the package that produces the weights the server serves."""
