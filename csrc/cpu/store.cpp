@@ -124,8 +124,8 @@ size_t PrototypeStore::bytes_scanned() const {
 }
 
 size_t PrototypeStore::bytes_held() const {
-  return packed_f32_.size() * 4 + packed_bf16_.size() * 2 + rows_f32_.size() * 4 +
-         norms2_.size() * 4;
+  return packed_f32_.capacity() * 4 + packed_bf16_.capacity() * 2 +
+         rows_f32_.capacity() * 4 + norms2_.capacity() * 4;
 }
 
 }  // namespace protoserve

@@ -41,6 +41,7 @@ class AlignedBuffer {
   T* data() { return data_; }
   const T* data() const { return data_; }
   size_t size() const { return size_; }
+  size_t capacity() const { return cap_; }
 
   // Resizes to n elements; new elements are zero.
   void resize(size_t n) {
