@@ -123,5 +123,9 @@ PYBIND11_MODULE(_kernels, m) {
       throw std::invalid_argument("SIMD level '" + name + "' is unknown or above this CPU's (" +
                                   best_simd_level() + ")");
   });
+  m.def("fma_macs_per_ns", &fma_macs_per_ns,
+        "one core's float32 FMA multiply-adds per ns (0 without AVX-512 BF16 built)");
+  m.def("dpbf16_macs_per_ns", &dpbf16_macs_per_ns,
+        "one core's VDPBF16PS multiply-adds per ns (0 without AVX-512 BF16 built)");
   m.attr("LANES") = kLanes;
 }

@@ -4,6 +4,8 @@
 // raw dot products to a sink (bounded top-k heaps, or the score matrix).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <mutex>
 #include <shared_mutex>
 #include <vector>
@@ -19,91 +21,127 @@ namespace {
 constexpr size_t kTileBytes = 1u << 20;  // panels kept hot in L2 per tile
 constexpr int64_t kMinPanelsPerChunk = 32;
 
+// Queries as the scan reads them: normalised rows (kept for the exact
+// bf16 re-rank), their squared norms, and a copy packed per block of at most
+// max_queries rows in the micro-kernels' format (see microkernels.h).
+// Blocks are balanced (64 queries at 12 per block -> 11,11,11,11,10,10).
 struct PreparedQueries {
   int64_t nq = 0;
-  std::vector<float> f32;      // [nq, dim], normalised for cosine
-  std::vector<uint32_t> bf16;  // [nq, padded/2] bf16 pairs (bf16 stores)
-  std::vector<float> norm2;    // |q|^2 as prepared
-  size_t ld = 0;
+  std::vector<float> f32;        // [nq, dim]
+  std::vector<float> norm2;      // [nq]
+  std::vector<int64_t> starts;   // block b holds rows [starts[b], starts[b+1])
+  std::vector<float> pack;       // 4-byte units; block b at starts[b] * units
+  size_t units = 0;              // 4-byte units per packed query row
+  int64_t blocks() const { return static_cast<int64_t>(starts.size()) - 1; }
+  const float* block(int64_t b) const { return pack.data() + starts[b] * units; }
 };
 
-PreparedQueries prepare(const PrototypeStore& store, const float* q, int64_t nq) {
+PreparedQueries prepare(const PrototypeStore& store, const MicroKernels& mk, const float* q,
+                        int64_t nq) {
   PreparedQueries p;
   const int dim = store.dim();
+  const bool bf16 = store.dtype() == Dtype::kBFloat16;
+  const int pairs = store.padded_dim() / 2;
   p.nq = nq;
   p.f32.resize(static_cast<size_t>(nq) * dim);
   p.norm2.resize(nq);
   for (int64_t i = 0; i < nq; ++i)
     p.norm2[i] = prepare_row(q + i * dim, p.f32.data() + i * dim, dim, store.metric());
-  p.ld = dim;
-  if (store.dtype() == Dtype::kBFloat16) {
-    const int pairs = store.padded_dim() / 2;
-    p.bf16.assign(static_cast<size_t>(nq) * pairs, 0u);
-    for (int64_t i = 0; i < nq; ++i)
-      for (int d = 0; d < dim; ++d) {
-        const uint32_t h = float_to_bf16(p.f32[i * dim + d]);
-        p.bf16[i * pairs + d / 2] |= (d & 1) ? (h << 16) : h;
+
+  const int64_t nblocks = (nq + mk.max_queries - 1) / mk.max_queries;
+  for (int64_t b = 0; b <= nblocks; ++b) p.starts.push_back(nblocks ? nq * b / nblocks : 0);
+  if (!bf16) p.units = dim;
+  else if (mk.bf16_query_format == kWidened) p.units = 2 * pairs;
+  else p.units = pairs;
+  p.pack.assign(static_cast<size_t>(nq) * p.units, 0.0f);
+
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t r0 = p.starts[b];
+    const int nb = static_cast<int>(p.starts[b + 1] - r0);
+    float* out = p.pack.data() + r0 * p.units;
+    for (int i = 0; i < nb; ++i) {
+      const float* x = p.f32.data() + (r0 + i) * dim;
+      if (!bf16) {
+        for (int d = 0; d < dim; ++d) out[d * nb + i] = x[d];
+        continue;
       }
-    p.ld = pairs;
+      for (int j = 0; j < pairs; ++j) {
+        const float lo = x[2 * j], hi = 2 * j + 1 < dim ? x[2 * j + 1] : 0.0f;
+        if (mk.bf16_query_format == kWidened) {
+          out[(j * nb + i) * 2] = round_to_bf16(lo);
+          out[(j * nb + i) * 2 + 1] = round_to_bf16(hi);
+        } else {
+          const uint32_t w = static_cast<uint32_t>(float_to_bf16(lo)) |
+                             (static_cast<uint32_t>(float_to_bf16(hi)) << 16);
+          std::memcpy(out + j * nb + i, &w, sizeof w);
+        }
+      }
+    }
   }
   return p;
 }
 
 struct Task {
-  int64_t q0, q1, p0, p1;
+  int64_t b0, b1, p0, p1;  // query blocks [b0, b1), panels [p0, p1)
 };
 
 // Splits the work so every thread has a share: over prototype panels first
-// (one pass over memory, as for a single query), then over queries.
-std::vector<Task> make_tasks(int64_t nq, int64_t panels, int threads, int* n_c) {
+// (one pass over memory, as for a single query), then over query blocks.
+std::vector<Task> make_tasks(int64_t blocks, int64_t panels, int threads, int* n_c) {
   int64_t c_chunks = std::max<int64_t>(1, std::min<int64_t>(threads, panels / kMinPanelsPerChunk));
-  if (panels > 0 && c_chunks == 1 && nq < threads) c_chunks = std::min<int64_t>(threads, panels);
-  const int64_t q_chunks = std::max<int64_t>(1, std::min<int64_t>(nq, threads / c_chunks));
+  if (panels > 0 && c_chunks == 1 && blocks < threads)
+    c_chunks = std::min<int64_t>(threads, panels);
+  const int64_t q_chunks = std::max<int64_t>(1, std::min<int64_t>(blocks, threads / c_chunks));
   std::vector<Task> tasks;
   for (int64_t qc = 0; qc < q_chunks; ++qc)
     for (int64_t cc = 0; cc < c_chunks; ++cc)
-      tasks.push_back({nq * qc / q_chunks, nq * (qc + 1) / q_chunks, panels * cc / c_chunks,
-                       panels * (cc + 1) / c_chunks});
+      tasks.push_back({blocks * qc / q_chunks, blocks * (qc + 1) / q_chunks,
+                       panels * cc / c_chunks, panels * (cc + 1) / c_chunks});
   *n_c = static_cast<int>(c_chunks);
   return tasks;
 }
 
 // Runs the micro-kernels over one task and calls sink(query, base_row,
-// dots, ldo, valid_lanes) for each block of raw dot products.
+// dots, valid_lanes) for each query's run of raw dot products.
 template <typename Sink>
-void scan_task(const PrototypeStore& store, const PreparedQueries& pq, const Task& t,
-               Sink&& sink) {
-  const MicroKernels& mk = active_kernels();
+void scan_task(const PrototypeStore& store, const MicroKernels& mk, const PreparedQueries& pq,
+               const Task& t, Sink&& sink) {
   const bool bf16 = store.dtype() == Dtype::kBFloat16;
-  const int dim = store.dim();
-  const int pdim = bf16 ? store.padded_dim() : dim;
+  const int pdim = bf16 ? store.padded_dim() : store.dim();
   const size_t panel_elems = static_cast<size_t>(kLanes) * pdim;
   const size_t panel_bytes = panel_elems * (bf16 ? 2 : 4);
-  const int64_t tile = std::max<int64_t>(mk.max_panels, kTileBytes / panel_bytes);
+  const int64_t tile = std::max<int64_t>(2, kTileBytes / panel_bytes);
   const size_t ldo = static_cast<size_t>(tile) * kLanes;
   std::vector<float> out(static_cast<size_t>(mk.max_queries) * ldo);
   const int64_t rows = store.size();
 
   for (int64_t p = t.p0; p < t.p1; p += tile) {
     const int np = static_cast<int>(std::min<int64_t>(tile, t.p1 - p));
-    for (int64_t q = t.q0; q < t.q1; q += mk.max_queries) {
-      const int nb = static_cast<int>(std::min<int64_t>(mk.max_queries, t.q1 - q));
+    const int64_t base = p * kLanes;
+    const int valid = static_cast<int>(std::min<int64_t>(np * kLanes, rows - base));
+    for (int64_t b = t.b0; b < t.b1; ++b) {
+      const int nb = static_cast<int>(pq.starts[b + 1] - pq.starts[b]);
       if (bf16)
-        mk.dot_bf16(pq.bf16.data() + q * pq.ld, pq.ld, nb, store.panels_bf16() + p * panel_elems,
-                    np, pdim, out.data(), ldo);
+        mk.dot_bf16(pq.block(b), nb, store.panels_bf16() + p * panel_elems, np, pdim, out.data(),
+                    ldo);
       else
-        mk.dot_f32(pq.f32.data() + q * pq.ld, pq.ld, nb, store.panels_f32() + p * panel_elems, np,
-                   pdim, out.data(), ldo);
-      const int64_t base = p * kLanes;
-      const int valid = static_cast<int>(std::min<int64_t>(np * kLanes, rows - base));
-      for (int i = 0; i < nb; ++i) sink(q + i, base, out.data() + i * ldo, valid);
+        mk.dot_f32(pq.block(b), nb, store.panels_f32() + p * panel_elems, np, pdim, out.data(),
+                   ldo);
+      for (int i = 0; i < nb; ++i) sink(pq.starts[b] + i, base, out.data() + i * ldo, valid);
     }
   }
 }
 
+// Exact re-rank dot product: float64 accumulation in 8 independent lanes
+// (which the compiler vectorises without reassociating a single sum).
 double exact_dot(const float* a, const float* b, int dim) {
+  double acc[8] = {};
+  int d = 0;
+  for (; d + 8 <= dim; d += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += static_cast<double>(a[d + l]) * b[d + l];
   double s = 0.0;
-  for (int d = 0; d < dim; ++d) s += static_cast<double>(a[d]) * b[d];
+  for (; d < dim; ++d) s += static_cast<double>(a[d]) * b[d];
+  for (double v : acc) s += v;
   return s;
 }
 
@@ -117,13 +155,14 @@ void topk(const PrototypeStore& store, const float* queries, int64_t nq, int k, 
   if (nq == 0 || k_eff == 0) return;
   const bool bf16 = store.dtype() == Dtype::kBFloat16;
   const int cand = bf16 ? static_cast<int>(std::min<int64_t>(rows, std::max(k, rerank))) : k_eff;
-  const PreparedQueries pq = prepare(store, queries, nq);
+  const MicroKernels& mk = active_kernels();
+  const PreparedQueries pq = prepare(store, mk, queries, nq);
   const float* pn2 = store.norms2();
   const int metric = store.metric();
 
   int n_c = 1;
   const std::vector<Task> tasks =
-      make_tasks(nq, store.panels(), ThreadPool::instance().num_threads(), &n_c);
+      make_tasks(pq.blocks(), store.panels(), ThreadPool::instance().num_threads(), &n_c);
   // Heaps: for query q and chunk c, slot (q * n_c + c) * cand.
   const size_t slots = static_cast<size_t>(nq) * n_c;
   std::vector<float> hs(slots * cand);
@@ -133,18 +172,23 @@ void topk(const PrototypeStore& store, const float* queries, int64_t nq, int k, 
   ThreadPool::instance().run(static_cast<int>(tasks.size()), [&](int ti) {
     const Task& t = tasks[ti];
     const int chunk = ti % n_c;
-    scan_task(store, pq, t, [&](int64_t q, int64_t base, const float* dots, int valid) {
+    scan_task(store, mk, pq, t, [&](int64_t q, int64_t base, const float* dots, int valid) {
       const size_t slot = static_cast<size_t>(q) * n_c + chunk;
       float* s = hs.data() + slot * cand;
       int64_t* id = hi.data() + slot * cand;
       int& n = hn[slot];
       const float qn2 = pq.norm2[q];
+      // Rows arrive in increasing order within a chunk, so a tie never
+      // displaces a kept row: a strict comparison with the root suffices,
+      // and the common case is one compare per score.
+      constexpr float kNone = -std::numeric_limits<float>::infinity();
+      float bar = n == cand ? s[0] : kNone;
       for (int l = 0; l < valid; ++l) {
         const float score = finalize_score(metric, dots[l], qn2, pn2[base + l]);
-        // Rows arrive in increasing order within a chunk, so a tie never
-        // displaces a kept row: a strict comparison with the root suffices.
-        if (n == cand && !(score > s[0])) continue;
-        heap_offer(s, id, &n, cand, score, base + l);
+        if (score > bar || (bar == kNone && n < cand)) {
+          heap_offer(s, id, &n, cand, score, base + l);
+          bar = n == cand ? s[0] : kNone;
+        }
       }
     });
   });
@@ -176,14 +220,15 @@ void all_scores(const PrototypeStore& store, const float* queries, int64_t nq, f
   std::shared_lock<std::shared_mutex> lock(store.mutex());
   const int64_t rows = store.size();
   if (nq == 0 || rows == 0) return;
-  const PreparedQueries pq = prepare(store, queries, nq);
+  const MicroKernels& mk = active_kernels();
+  const PreparedQueries pq = prepare(store, mk, queries, nq);
   const float* pn2 = store.norms2();
   const int metric = store.metric();
   int n_c = 1;
   const std::vector<Task> tasks =
-      make_tasks(nq, store.panels(), ThreadPool::instance().num_threads(), &n_c);
+      make_tasks(pq.blocks(), store.panels(), ThreadPool::instance().num_threads(), &n_c);
   ThreadPool::instance().run(static_cast<int>(tasks.size()), [&](int ti) {
-    scan_task(store, pq, tasks[ti], [&](int64_t q, int64_t base, const float* dots, int valid) {
+    scan_task(store, mk, pq, tasks[ti], [&](int64_t q, int64_t base, const float* dots, int valid) {
       float* o = out + q * rows + base;
       const float qn2 = pq.norm2[q];
       for (int l = 0; l < valid; ++l) o[l] = finalize_score(metric, dots[l], qn2, pn2[base + l]);
@@ -192,18 +237,12 @@ void all_scores(const PrototypeStore& store, const float* queries, int64_t nq, f
 }
 
 double read_sum(const float* data, int64_t n) {
+  const MicroKernels& mk = active_kernels();
   const int threads = ThreadPool::instance().num_threads();
   std::vector<double> partial(threads, 0.0);
   ThreadPool::instance().run(threads, [&](int t) {
     const int64_t a = n * t / threads, b = n * (t + 1) / threads;
-    float acc[16] = {};
-    int64_t i = a;
-    for (; i + 16 <= b; i += 16)
-      for (int l = 0; l < 16; ++l) acc[l] += data[i + l];
-    double s = 0.0;
-    for (; i < b; ++i) s += data[i];
-    for (float v : acc) s += v;
-    partial[t] = s;
+    partial[t] = mk.read_sum(data + a, b - a);
   });
   double s = 0.0;
   for (double v : partial) s += v;
