@@ -18,7 +18,7 @@
 namespace protoserve {
 namespace {
 
-constexpr size_t kTileBytes = 1u << 20;  // panels kept hot in L2 per tile
+constexpr size_t kTileBytes = 512u << 10;  // panels kept hot in L2 per tile (+ the next)
 constexpr int64_t kMinPanelsPerChunk = 32;
 
 // Queries as the scan reads them: normalised rows (kept for the exact
@@ -115,11 +115,24 @@ void scan_task(const PrototypeStore& store, const MicroKernels& mk, const Prepar
   std::vector<float> out(static_cast<size_t>(mk.max_queries) * ldo);
   const int64_t rows = store.size();
 
+  const char* storage = bf16 ? reinterpret_cast<const char*>(store.panels_bf16())
+                             : reinterpret_cast<const char*>(store.panels_f32());
+  const int64_t nblocks = t.b1 - t.b0;
   for (int64_t p = t.p0; p < t.p1; p += tile) {
     const int np = static_cast<int>(std::min<int64_t>(tile, t.p1 - p));
     const int64_t base = p * kLanes;
     const int valid = static_cast<int>(std::min<int64_t>(np * kLanes, rows - base));
+    // While the query blocks pass over this tile (from L2), pull the next
+    // tile towards L2 in slices, so only the first pass ever waits on DRAM.
+    const int64_t next_np = std::min<int64_t>(tile, t.p1 - p - np);
+    const char* next = storage + (p + np) * panel_bytes;
+    const size_t next_bytes = next_np > 0 ? next_np * panel_bytes : 0;
     for (int64_t b = t.b0; b < t.b1; ++b) {
+      if (next_bytes && nblocks > 1) {
+        const size_t k = b - t.b0;
+        for (size_t off = next_bytes * k / nblocks; off < next_bytes * (k + 1) / nblocks; off += 64)
+          __builtin_prefetch(next + off, 0, 2);
+      }
       const int nb = static_cast<int>(pq.starts[b + 1] - pq.starts[b]);
       if (bf16)
         mk.dot_bf16(pq.block(b), nb, store.panels_bf16() + p * panel_elems, np, pdim, out.data(),
@@ -163,7 +176,8 @@ void topk(const PrototypeStore& store, const float* queries, int64_t nq, int k, 
   int n_c = 1;
   const std::vector<Task> tasks =
       make_tasks(pq.blocks(), store.panels(), ThreadPool::instance().num_threads(), &n_c);
-  // Heaps: for query q and chunk c, slot (q * n_c + c) * cand.
+  // Heaps: for chunk c and query q, slot (c * nq + q) * cand: chunk-major,
+  // so threads scanning different chunks never share a cache line.
   const size_t slots = static_cast<size_t>(nq) * n_c;
   std::vector<float> hs(slots * cand);
   std::vector<int64_t> hi(slots * cand);
@@ -173,23 +187,33 @@ void topk(const PrototypeStore& store, const float* queries, int64_t nq, int k, 
     const Task& t = tasks[ti];
     const int chunk = ti % n_c;
     scan_task(store, mk, pq, t, [&](int64_t q, int64_t base, const float* dots, int valid) {
-      const size_t slot = static_cast<size_t>(q) * n_c + chunk;
+      const size_t slot = static_cast<size_t>(chunk) * nq + q;
       float* s = hs.data() + slot * cand;
       int64_t* id = hi.data() + slot * cand;
-      int& n = hn[slot];
+      int n = hn[slot];
       const float qn2 = pq.norm2[q];
       // Rows arrive in increasing order within a chunk, so a tie never
       // displaces a kept row: a strict comparison with the root suffices,
       // and the common case is one compare per score.
       constexpr float kNone = -std::numeric_limits<float>::infinity();
       float bar = n == cand ? s[0] : kNone;
-      for (int l = 0; l < valid; ++l) {
-        const float score = finalize_score(metric, dots[l], qn2, pn2[base + l]);
-        if (score > bar || (bar == kNone && n < cand)) {
-          heap_offer(s, id, &n, cand, score, base + l);
-          bar = n == cand ? s[0] : kNone;
+      for (int l0 = 0; l0 < valid; l0 += kLanes) {
+        const int len = std::min(kLanes, valid - l0);
+        float sc[kLanes];
+        bool any = false;  // a branch-free pass the compiler vectorises
+        for (int l = 0; l < kLanes; ++l) {
+          sc[l] = finalize_score(metric, dots[l0 + l], qn2, pn2[base + l0 + l]);
+          any |= sc[l] > bar;
+        }
+        if (!any && n == cand) continue;
+        for (int l = 0; l < len; ++l) {
+          if (sc[l] > bar || n < cand) {
+            heap_offer(s, id, &n, cand, sc[l], base + l0 + l);
+            bar = n == cand ? s[0] : kNone;
+          }
         }
       }
+      hn[slot] = n;
     });
   });
 
@@ -201,7 +225,7 @@ void topk(const PrototypeStore& store, const float* queries, int64_t nq, int k, 
     int64_t* oi = out_index + q * k_eff;
     int n = 0;
     for (int c = 0; c < n_c; ++c) {
-      const size_t slot = static_cast<size_t>(q) * n_c + c;
+      const size_t slot = static_cast<size_t>(c) * nq + q;
       for (int j = 0; j < hn[slot]; ++j) {
         const int64_t r = hi[slot * cand + j];
         float score = hs[slot * cand + j];

@@ -100,10 +100,13 @@ void dot_f32(const float* q, int nq, const float* panels, int npanels, int dim, 
   const size_t pstride = static_cast<size_t>(kLanes) * dim;
   with_query_count<kMaxQ>(nq, [&](auto n) {
     constexpr int NQ = decltype(n)::value;
+    // Few queries: more panels per pass, so enough independent accumulators
+    // (and memory streams) hide the FMA latency in the bandwidth-bound case.
+    constexpr int NP = NQ <= 2 ? 8 : NQ <= 5 ? 4 : 2;
     int p = 0;
-    for (; p + 2 <= npanels; p += 2)
-      dot_f32_block<NQ, 2>(q, panels + p * pstride, pstride, dim, out + p * kLanes, ldo);
-    if (p < npanels)
+    for (; p + NP <= npanels; p += NP)
+      dot_f32_block<NQ, NP>(q, panels + p * pstride, pstride, dim, out + p * kLanes, ldo);
+    for (; p < npanels; ++p)
       dot_f32_block<NQ, 1>(q, panels + p * pstride, pstride, dim, out + p * kLanes, ldo);
   });
 }
@@ -113,13 +116,14 @@ void dot_bf16(const void* q, int nq, const uint16_t* panels, int npanels, int pa
   const size_t pstride = static_cast<size_t>(kLanes) * padded_dim;
   with_query_count<kMaxQ>(nq, [&](auto n) {
     constexpr int NQ = decltype(n)::value;
+    // Few queries: more panels per pass, so enough independent accumulators
+    // (and memory streams) hide the FMA latency in the bandwidth-bound case.
+    constexpr int NP = NQ == 1 ? 8 : NQ <= 5 ? 4 : 2;  // widening needs 2 regs a panel
     int p = 0;
-    for (; p + 2 <= npanels; p += 2)
-      dot_bf16_block<NQ, 2>(q, panels + p * pstride, pstride, padded_dim / 2, out + p * kLanes,
-                            ldo);
-    if (p < npanels)
-      dot_bf16_block<NQ, 1>(q, panels + p * pstride, pstride, padded_dim / 2, out + p * kLanes,
-                            ldo);
+    for (; p + NP <= npanels; p += NP)
+      dot_bf16_block<NQ, NP>(q, panels + p * pstride, pstride, padded_dim / 2, out + p * kLanes, ldo);
+    for (; p < npanels; ++p)
+      dot_bf16_block<NQ, 1>(q, panels + p * pstride, pstride, padded_dim / 2, out + p * kLanes, ldo);
   });
 }
 

@@ -1,0 +1,559 @@
+// CUDA prototype kernels: fused similarity + top-k, and all scores.
+//
+// The per-element maths (bf16 widening, score_from_raw, the tie order and
+// the bounded heap) comes from protoserve/kernels.h, the same code the CPU
+// scan runs and its tests check.
+//
+// topk, two passes, never materialising [Q, C]:
+//   1. grid (Q, chunks): one block of kWarps warps per (query, chunk of
+//      prototypes).  The query row is staged in shared memory and its squared
+//      norm reduced once.  Each warp takes one prototype at a time: the lanes
+//      read the row with coalesced (vector where aligned) loads, accumulate
+//      q.p and |p|^2, reduce with shuffles, and lane 0 offers the score to the
+//      warp's bounded heap in shared memory.  The block then sorts its warps'
+//      heaps and merges them by rank into a best-first list of k' candidates,
+//      written to a scratch buffer - or straight to the output when C is a
+//      single chunk.
+//   2. grid (Q): one block per query merges the chunk lists (each sorted, so a
+//      list is abandoned at its first rejected entry) and writes the final
+//      best-first k' columns.
+// Scores are totally ordered by (score desc, index asc) - NaN is mapped to
+// -inf before it reaches a heap - so the rank merges are exact.
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <climits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "protoserve/kernels.h"
+#include "topk.cuh"
+
+namespace protoserve {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Stage 1 splits C into chunks until there are about this many blocks...
+constexpr int64_t kTargetBlocks = 1024;
+// ...but keeps at least this many prototypes (and 4 k') per chunk.
+constexpr int64_t kMinChunk = 256;
+// Prototypes per block in the scores kernel (at least).
+constexpr int64_t kScoresChunk = 256;
+constexpr int64_t kMaxGridY = 65535;
+// The query row is staged in shared memory while the block's dynamic shared
+// memory stays within this (and the device's opt-in limit); beyond it the
+// warps read the row from global memory (L1/L2 cached).
+constexpr int64_t kStageLimitBytes = 64 * 1024;
+// Dynamic shared memory a kernel may use without opting in.
+constexpr int64_t kDefaultSmemBytes = 48 * 1024;
+
+// ---------------------------------------------------------------- errors
+
+[[noreturn]] void throw_cuda(cudaError_t err, const char* what) {
+  throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(err) +
+                           " (" + cudaGetErrorString(err) + ")");
+}
+
+#define PS_CUDA_CHECK(expr)                          \
+  do {                                               \
+    const cudaError_t ps_err_ = (expr);              \
+    if (ps_err_ != cudaSuccess) throw_cuda(ps_err_, #expr); \
+  } while (0)
+
+void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw_cuda(err, kernel);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Sets `device` as current for the scope and restores the caller's device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    PS_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != device) PS_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
+// Device memory freed at scope exit (after the stream was synchronised).
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(int64_t bytes) {
+    if (bytes > 0) PS_CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(bytes)));
+  }
+  ~DeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* get() const { return ptr_; }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
+// ---------------------------------------------------------------- layout
+
+// Shared bytes of kWarps heaps of capacity kc: int64 indices first (8-byte
+// aligned), then float scores; rounded up to 16 so a staged query row that
+// follows is float4-aligned.
+__host__ __device__ constexpr int64_t heap_bytes(int64_t kc) {
+  return (kWarps * kc * (int64_t(sizeof(int64_t)) + int64_t(sizeof(float))) + 15) / 16 * 16;
+}
+
+struct TopkPlan {
+  int64_t kc;         // columns returned: min(k, nc)
+  int64_t chunks;     // stage-1 chunks per query
+  int64_t chunk_len;  // prototypes per chunk (the last may be shorter)
+  int64_t ws_scores_offset, ws_index_offset, ws_bytes;
+};
+
+TopkPlan plan_topk(int64_t nq, int64_t nc, int64_t k) {
+  TopkPlan p{};
+  p.kc = std::min(k, nc);
+  if (nq <= 0 || p.kc <= 0) return p;
+  const int64_t want = ceil_div(kTargetBlocks, nq);
+  const int64_t min_len = std::max(kMinChunk, 4 * p.kc);
+  int64_t chunks = std::min({want, ceil_div(nc, min_len), kMaxGridY});
+  chunks = std::max<int64_t>(chunks, 1);
+  p.chunk_len = ceil_div(nc, chunks);
+  p.chunks = ceil_div(nc, p.chunk_len);  // no empty chunk
+  if (p.chunks > 1) {
+    const int64_t n = nq * p.chunks * p.kc;
+    p.ws_scores_offset = 0;
+    p.ws_index_offset = (n * int64_t(sizeof(float)) + 255) / 256 * 256;
+    p.ws_bytes = p.ws_index_offset + n * int64_t(sizeof(int64_t));
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------- device helpers
+
+__device__ __forceinline__ float load_proto(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float load_proto(const uint16_t* p) {
+  return bf16_to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
+}
+
+__device__ __forceinline__ void accumulate(float x, float p, float& dot, float& pn) {
+  dot = fmaf(x, p, dot);
+  pn = fmaf(p, p, pn);
+}
+
+// q.p and |p|^2 of one row, by a whole warp.  Lane j reads elements j, j+32...
+// (VEC == 4: float4 / four-bf16 groups), so loads are coalesced.  The result
+// is valid in lane 0 (other lanes hold a differently ordered sum).
+template <typename PT, int VEC>
+__device__ __forceinline__ void warp_dot(const float* q, const PT* __restrict__ row, int d,
+                                         int lane, float& dot_out, float& pn_out) {
+  float dot = 0.0f, pn = 0.0f;
+  if constexpr (VEC == 4) {
+    const int nv = d >> 2;
+    const float4* q4 = reinterpret_cast<const float4*>(q);
+    if constexpr (std::is_same<PT, float>::value) {
+      const float4* p4 = reinterpret_cast<const float4*>(row);
+#pragma unroll 4
+      for (int j = lane; j < nv; j += 32) {
+        const float4 a = q4[j];
+        const float4 b = __ldg(p4 + j);
+        accumulate(a.x, b.x, dot, pn);
+        accumulate(a.y, b.y, dot, pn);
+        accumulate(a.z, b.z, dot, pn);
+        accumulate(a.w, b.w, dot, pn);
+      }
+    } else {
+      const uint2* p4 = reinterpret_cast<const uint2*>(row);
+#pragma unroll 4
+      for (int j = lane; j < nv; j += 32) {
+        const float4 a = q4[j];
+        const uint2 b = __ldg(p4 + j);  // four bf16, element 0 in the low half of .x
+        accumulate(a.x, bf16_to_float(static_cast<uint16_t>(b.x & 0xFFFFu)), dot, pn);
+        accumulate(a.y, bf16_to_float(static_cast<uint16_t>(b.x >> 16)), dot, pn);
+        accumulate(a.z, bf16_to_float(static_cast<uint16_t>(b.y & 0xFFFFu)), dot, pn);
+        accumulate(a.w, bf16_to_float(static_cast<uint16_t>(b.y >> 16)), dot, pn);
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int j = lane; j < d; j += 32) accumulate(q[j], load_proto(row + j), dot, pn);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    dot += __shfl_xor_sync(kFullMask, dot, off);
+    pn += __shfl_xor_sync(kFullMask, pn, off);
+  }
+  dot_out = dot;
+  pn_out = pn;
+}
+
+// Block-wide: copies the query row into `qs` (when non-null) and returns
+// |q|^2, the same value in every thread (and in every block of this query).
+// Ends with a barrier, so `qs` is ready for all warps.
+__device__ float stage_query(const float* __restrict__ q, int d, float* qs, float* red) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float s = 0.0f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float v = q[j];
+    if (qs != nullptr) qs[j] = v;
+    s = fmaf(v, v, s);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
+  if (lane == 0) red[warp] = s;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += red[w];
+  return total;
+}
+
+__device__ __forceinline__ float sanitize(float s) { return isnan(s) ? -INFINITY : s; }
+
+// Merges the kWarps best-first lists in shared memory (list w: hs/hi + w*kc,
+// counts[w] entries) into out[0, kc): an entry's output position is its rank
+// in the union - its position in its own list plus, per other list, how many
+// entries rank before it (binary search).  Ranks are distinct because the
+// order is total and indices are distinct.  Positions past the union's size
+// get the padding (-inf, -1).  Starts with a barrier.
+__device__ void merge_lists(const float* hs, const int64_t* hi, const int* counts, int kc,
+                            float* __restrict__ out_s, int64_t* __restrict__ out_i) {
+  __syncthreads();
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += counts[w];
+  const int outn = total < kc ? total : kc;
+  for (int e = threadIdx.x; e < kWarps * kc; e += blockDim.x) {
+    const int w = e / kc, t = e - w * kc;
+    if (t >= counts[w]) continue;
+    const float s = hs[e];
+    const int64_t id = hi[e];
+    int rank = t;
+    for (int v = 0; v < kWarps && rank < kc; ++v) {
+      if (v == w) continue;
+      const float* vs = hs + v * kc;
+      const int64_t* vi = hi + v * kc;
+      int lo = 0, up = counts[v];
+      while (lo < up) {
+        const int mid = (lo + up) >> 1;
+        if (ranks_before(vs[mid], vi[mid], s, id)) {
+          lo = mid + 1;
+        } else {
+          up = mid;
+        }
+      }
+      rank += lo;
+    }
+    if (rank < kc) {
+      out_s[rank] = s;
+      out_i[rank] = id;
+    }
+  }
+  for (int e = outn + threadIdx.x; e < kc; e += blockDim.x) {
+    out_s[e] = -INFINITY;
+    out_i[e] = -1;
+  }
+}
+
+// ---------------------------------------------------------------- kernels
+
+// Stage 1: block (query blockIdx.x, chunk blockIdx.y) -> best-first list of
+// kc candidates at out + (query * gridDim.y + chunk) * kc.
+template <typename PT, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    topk_chunk_kernel(const float* __restrict__ queries, const PT* __restrict__ protos,
+                      int64_t nc, int d, int metric, int kc, int64_t chunk_len, int stage,
+                      float* __restrict__ out_s, int64_t* __restrict__ out_i) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float red[kWarps];
+  __shared__ int counts[kWarps];
+  int64_t* heap_i = reinterpret_cast<int64_t*>(smem);
+  float* heap_s = reinterpret_cast<float*>(heap_i + kWarps * kc);
+  float* qs = stage ? reinterpret_cast<float*>(smem + heap_bytes(kc)) : nullptr;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t qi = blockIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const float* qrow = queries + qi * d;
+  const float qn = stage_query(qrow, d, qs, red);
+  const float* qsrc = stage ? qs : qrow;
+
+  const int64_t c0 = chunk * chunk_len;
+  const int64_t c1 = (nc - c0 < chunk_len) ? nc : c0 + chunk_len;
+  float* hs = heap_s + warp * kc;
+  int64_t* hi = heap_i + warp * kc;
+  int n = 0;  // lane 0's heap size
+  for (int64_t c = c0 + warp; c < c1; c += kWarps) {
+    float dot, pn;
+    warp_dot<PT, VEC>(qsrc, protos + c * d, d, lane, dot, pn);
+    if (lane == 0) heap_offer(hs, hi, &n, kc, sanitize(score_from_raw(metric, dot, qn, pn)), c);
+  }
+  if (lane == 0) {
+    heap_sort_best_first(hs, hi, n);
+    counts[warp] = n;
+  }
+  const int64_t base = (qi * gridDim.y + chunk) * kc;
+  merge_lists(heap_s, heap_i, counts, kc, out_s + base, out_i + base);
+}
+
+// Stage 2: block blockIdx.x merges its query's `nchunks` lists of kc entries
+// (best first, padded with index -1) into the final kc columns.
+__global__ void __launch_bounds__(kThreads)
+    topk_merge_kernel(const float* __restrict__ cand_s, const int64_t* __restrict__ cand_i,
+                      int nchunks, int kc, float* __restrict__ out_s,
+                      int64_t* __restrict__ out_i) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int counts[kWarps];
+  int64_t* heap_i = reinterpret_cast<int64_t*>(smem);
+  float* heap_s = reinterpret_cast<float*>(heap_i + kWarps * kc);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t qi = blockIdx.x;
+  float* hs = heap_s + warp * kc;
+  int64_t* hi = heap_i + warp * kc;
+  int n = 0;  // lane 0's heap size
+  for (int j = warp; j < nchunks; j += kWarps) {
+    const int64_t list = (qi * nchunks + j) * kc;
+    bool stop = false;
+    for (int t0 = 0; t0 < kc && !stop; t0 += 32) {
+      // The warp loads 32 entries at once; lane 0 offers them in order and
+      // stops the list at its end (-1) or at the first rejection (the list
+      // is sorted, so nothing after it can enter either).
+      const int t = t0 + lane;
+      float s = -INFINITY;
+      long long id = -1;
+      if (t < kc) {
+        s = cand_s[list + t];
+        id = cand_i[list + t];
+      }
+      const int m = (kc - t0 < 32) ? kc - t0 : 32;
+      for (int l = 0; l < m; ++l) {
+        const float sl = __shfl_sync(kFullMask, s, l);
+        const long long il = __shfl_sync(kFullMask, id, l);
+        int keep = 0;
+        if (lane == 0 && il >= 0) keep = heap_offer(hs, hi, &n, kc, sl, il) ? 1 : 0;
+        if (!__shfl_sync(kFullMask, keep, 0)) {
+          stop = true;
+          break;
+        }
+      }
+    }
+  }
+  if (lane == 0) {
+    heap_sort_best_first(hs, hi, n);
+    counts[warp] = n;
+  }
+  merge_lists(heap_s, heap_i, counts, kc, out_s + qi * kc, out_i + qi * kc);
+}
+
+// out[query, c] for c in the block's chunk.
+template <typename PT, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    scores_kernel(const float* __restrict__ queries, const PT* __restrict__ protos, int64_t nc,
+                  int d, int metric, int64_t chunk_len, int stage, float* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float red[kWarps];
+  float* qs = stage ? reinterpret_cast<float*>(smem) : nullptr;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t qi = blockIdx.x;
+  const float* qrow = queries + qi * d;
+  const float qn = stage_query(qrow, d, qs, red);
+  const float* qsrc = stage ? qs : qrow;
+
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * chunk_len;
+  const int64_t c1 = (nc - c0 < chunk_len) ? nc : c0 + chunk_len;
+  float* orow = out + qi * nc;
+  for (int64_t c = c0 + warp; c < c1; c += kWarps) {
+    float dot, pn;
+    warp_dot<PT, VEC>(qsrc, protos + c * d, d, lane, dot, pn);
+    if (lane == 0) orow[c] = score_from_raw(metric, dot, qn, pn);
+  }
+}
+
+// ---------------------------------------------------------------- host side
+
+void check_sizes(int64_t nq, int64_t nc, int64_t d, int metric) {
+  if (nq < 0 || nc < 0 || d < 0) throw std::invalid_argument("negative size");
+  if (d > INT_MAX) throw std::invalid_argument("dimension too large for the CUDA kernels");
+  if (nq > INT_MAX) throw std::invalid_argument("too many queries for one CUDA call (max 2^31-1)");
+  if (metric < kInnerProduct || metric > kL2)
+    throw std::invalid_argument("metric code must be 0 (ip), 1 (cosine) or 2 (l2), got " +
+                                std::to_string(metric));
+}
+
+bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+// float4 / four-bf16 loads need d % 4 == 0 and aligned bases.
+template <typename PT>
+bool can_vectorize(const float* q, const void* p, int64_t d) {
+  return d % 4 == 0 && aligned(q, 16) && aligned(p, 4 * sizeof(PT));
+}
+
+int max_dynamic_smem() {
+  int dev = 0, optin = 0;
+  PS_CUDA_CHECK(cudaGetDevice(&dev));
+  PS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  // Leave room for the kernels' static shared memory (under 100 bytes).
+  return std::max(optin - 1024, 0);
+}
+
+template <typename Kernel>
+void allow_smem(Kernel* kernel, int64_t bytes) {
+  if (bytes > kDefaultSmemBytes)
+    PS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(bytes)));
+}
+
+template <typename PT, int VEC>
+void launch_chunk(const float* q, const PT* p, int64_t nq, int64_t nc, int d, int metric,
+                  const TopkPlan& plan, bool stage, int64_t smem, float* out_s,
+                  int64_t* out_i) {
+  auto* kernel = &topk_chunk_kernel<PT, VEC>;
+  allow_smem(kernel, smem);
+  const dim3 grid(static_cast<unsigned>(nq), static_cast<unsigned>(plan.chunks));
+  kernel<<<grid, kThreads, static_cast<size_t>(smem), cudaStreamLegacy>>>(
+      q, p, nc, d, metric, static_cast<int>(plan.kc), plan.chunk_len, stage ? 1 : 0, out_s,
+      out_i);
+  check_launch("topk_chunk_kernel launch");
+}
+
+template <typename PT>
+void run_topk(const float* q, const void* pv, int64_t nq, int64_t nc, int64_t d, int metric,
+              const TopkPlan& plan, float* out_s, int64_t* out_i, float* cand_s,
+              int64_t* cand_i) {
+  const PT* p = static_cast<const PT*>(pv);
+  const int64_t hb = heap_bytes(plan.kc);
+  const int64_t limit = std::min<int64_t>(kStageLimitBytes, max_dynamic_smem());
+  const bool stage = hb + 4 * d <= limit;
+  const int64_t smem = stage ? hb + 4 * d : hb;
+  float* s1 = plan.chunks > 1 ? cand_s : out_s;
+  int64_t* i1 = plan.chunks > 1 ? cand_i : out_i;
+  if (can_vectorize<PT>(q, p, d)) {
+    launch_chunk<PT, 4>(q, p, nq, nc, static_cast<int>(d), metric, plan, stage, smem, s1, i1);
+  } else {
+    launch_chunk<PT, 1>(q, p, nq, nc, static_cast<int>(d), metric, plan, stage, smem, s1, i1);
+  }
+  if (plan.chunks > 1) {
+    allow_smem(&topk_merge_kernel, hb);
+    topk_merge_kernel<<<static_cast<unsigned>(nq), kThreads, static_cast<size_t>(hb),
+                        cudaStreamLegacy>>>(cand_s, cand_i, static_cast<int>(plan.chunks),
+                                            static_cast<int>(plan.kc), out_s, out_i);
+    check_launch("topk_merge_kernel launch");
+  }
+}
+
+template <typename PT, int VEC>
+void launch_scores(const float* q, const PT* p, int64_t nq, int64_t nc, int d, int metric,
+                   int64_t chunks, int64_t chunk_len, bool stage, int64_t smem, float* out) {
+  auto* kernel = &scores_kernel<PT, VEC>;
+  allow_smem(kernel, smem);
+  const dim3 grid(static_cast<unsigned>(nq), static_cast<unsigned>(chunks));
+  kernel<<<grid, kThreads, static_cast<size_t>(smem), cudaStreamLegacy>>>(
+      q, p, nc, d, metric, chunk_len, stage ? 1 : 0, out);
+  check_launch("scores_kernel launch");
+}
+
+template <typename PT>
+void run_scores(const float* q, const void* pv, int64_t nq, int64_t nc, int64_t d, int metric,
+                float* out) {
+  const PT* p = static_cast<const PT*>(pv);
+  const int64_t chunk_len = std::max(kScoresChunk, ceil_div(nc, kMaxGridY));
+  const int64_t chunks = ceil_div(nc, chunk_len);
+  const int64_t limit = std::min<int64_t>(kStageLimitBytes, max_dynamic_smem());
+  const bool stage = 4 * d <= limit;
+  const int64_t smem = stage ? 4 * d : 0;
+  if (can_vectorize<PT>(q, p, d)) {
+    launch_scores<PT, 4>(q, p, nq, nc, static_cast<int>(d), metric, chunks, chunk_len, stage,
+                         smem, out);
+  } else {
+    launch_scores<PT, 1>(q, p, nq, nc, static_cast<int>(d), metric, chunks, chunk_len, stage,
+                         smem, out);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- public API
+
+int device_count() noexcept {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear it: no driver / no device is not an error here
+    return 0;
+  }
+  return n;
+}
+
+int64_t topk_workspace_bytes(int64_t nq, int64_t nc, int64_t k) {
+  if (nq < 0 || nc < 0) throw std::invalid_argument("negative size");
+  if (k <= 0) throw std::invalid_argument("k must be positive");
+  return plan_topk(nq, nc, k).ws_bytes;
+}
+
+void topk(int device, const float* queries, const void* prototypes, ProtoType ptype,
+          int64_t nq, int64_t nc, int64_t d, int metric, int64_t k, float* out_scores,
+          int64_t* out_index, void* workspace, int64_t workspace_bytes) {
+  check_sizes(nq, nc, d, metric);
+  if (k <= 0) throw std::invalid_argument("k must be positive");
+  const TopkPlan plan = plan_topk(nq, nc, k);
+  if (plan.kc > kMaxFusedK)
+    throw std::invalid_argument("min(k, C) = " + std::to_string(plan.kc) +
+                                " exceeds the fused kernel's limit of " +
+                                std::to_string(kMaxFusedK));
+  if (nq == 0 || plan.kc == 0) return;
+
+  DeviceGuard guard(device);
+  cudaGetLastError();  // start from a clean slate
+  void* ws = workspace;
+  const bool usable = ws != nullptr && workspace_bytes >= plan.ws_bytes && aligned(ws, 256);
+  DeviceBuffer own(plan.ws_bytes > 0 && !usable ? plan.ws_bytes : 0);
+  if (!usable) ws = own.get();
+  float* cand_s = nullptr;
+  int64_t* cand_i = nullptr;
+  if (plan.ws_bytes > 0) {
+    cand_s = reinterpret_cast<float*>(static_cast<char*>(ws) + plan.ws_scores_offset);
+    cand_i = reinterpret_cast<int64_t*>(static_cast<char*>(ws) + plan.ws_index_offset);
+  }
+  if (ptype == ProtoType::kFloat32) {
+    run_topk<float>(queries, prototypes, nq, nc, d, metric, plan, out_scores, out_index, cand_s,
+                    cand_i);
+  } else {
+    run_topk<uint16_t>(queries, prototypes, nq, nc, d, metric, plan, out_scores, out_index,
+                       cand_s, cand_i);
+  }
+  PS_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
+}
+
+void scores(int device, const float* queries, const void* prototypes, ProtoType ptype,
+            int64_t nq, int64_t nc, int64_t d, int metric, float* out) {
+  check_sizes(nq, nc, d, metric);
+  if (nq == 0 || nc == 0) return;
+  DeviceGuard guard(device);
+  cudaGetLastError();
+  if (ptype == ProtoType::kFloat32) {
+    run_scores<float>(queries, prototypes, nq, nc, d, metric, out);
+  } else {
+    run_scores<uint16_t>(queries, prototypes, nq, nc, d, metric, out);
+  }
+  PS_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
+}
+
+}  // namespace cuda
+}  // namespace protoserve
