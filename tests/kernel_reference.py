@@ -38,14 +38,23 @@ def tolerance(q: np.ndarray, p: np.ndarray, metric: str, rel: float = 2e-6) -> f
     else:
         scale = float(np.abs(q).max() * np.abs(p).max()) * d
         if metric == "l2":
-            scale = max(scale, float((q.astype(np.float64) ** 2).sum(1).max()),
-                        float((p.astype(np.float64) ** 2).sum(1).max()))
+            scale = max(
+                scale,
+                float((q.astype(np.float64) ** 2).sum(1).max()),
+                float((p.astype(np.float64) ** 2).sum(1).max()),
+            )
     return rel * scale * np.sqrt(d) + 1e-6
 
 
 def check_topk(
-    q: np.ndarray, p: np.ndarray, k: int, metric: str, scores: np.ndarray, index: np.ndarray,
-    rel: float = 2e-6, score_rel: float | None = None,
+    q: np.ndarray,
+    p: np.ndarray,
+    k: int,
+    metric: str,
+    scores: np.ndarray,
+    index: np.ndarray,
+    rel: float = 2e-6,
+    score_rel: float | None = None,
 ) -> None:
     """Scores match the reference top-k; every index scores what it claims.
 

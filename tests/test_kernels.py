@@ -60,8 +60,12 @@ def test_scores_matches_reference(simd, metric, dtype):
     out = K.scores(queries, K.PrototypeMatrix(protos, dtype, metric))
     assert out.shape == (14, 50) and out.dtype == np.float32
     rel = 4e-3 if dtype == "bfloat16" else 2e-6
-    np.testing.assert_allclose(out, ref_scores(queries, protos, metric),
-                               atol=tolerance(queries, protos, metric, rel), rtol=0)
+    np.testing.assert_allclose(
+        out,
+        ref_scores(queries, protos, metric),
+        atol=tolerance(queries, protos, metric, rel),
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
@@ -99,8 +103,8 @@ def test_single_query_vector_is_one_row():
 def test_float64_and_float16_inputs_are_converted():
     rng = np.random.default_rng(4)
     protos = rng.standard_normal((12, 8))
-    s64, i64 = K.topk(protos[:2], protos, 3, metric="ip")
-    s32, i32 = K.topk(protos[:2].astype(np.float32), protos.astype(np.float32), 3, metric="ip")
+    _s64, i64 = K.topk(protos[:2], protos, 3, metric="ip")
+    _s32, i32 = K.topk(protos[:2].astype(np.float32), protos.astype(np.float32), 3, metric="ip")
     assert (i64 == i32).all()
     K.topk(protos[:2].astype(np.float16), protos, 3, metric="ip")
 
@@ -149,8 +153,9 @@ def test_append_update_remove_track_a_reference(simd, metric, dtype):
         if step % 10 == 0 or step == 119:
             ref = np.array(rows, np.float32).reshape(-1, d)
             assert len(pm) == len(rows) and pm.ids.tolist() == ids
-            np.testing.assert_allclose(pm.to_numpy(), K.PrototypeMatrix(ref, "float32", metric)
-                                       .to_numpy(), atol=1e-7)
+            np.testing.assert_allclose(
+                pm.to_numpy(), K.PrototypeMatrix(ref, "float32", metric).to_numpy(), atol=1e-7
+            )
             queries = gaussian(rng, 6, d)
             s, i = K.topk(queries, pm, 5)
             check_topk(queries, ref, 5, metric, s, i, score_rel=rank_rel(dtype))
@@ -227,9 +232,12 @@ def test_bf16_recall_at_1_against_exact_fp32(metric):
     protos = gaussian(rng, 20_000, 512)
     queries = gaussian(rng, 10_000, 512)
     p_ref = protos / np.linalg.norm(protos, axis=1, keepdims=True) if metric == "cosine" else protos
-    q_ref = queries / np.linalg.norm(queries, axis=1, keepdims=True) if metric == "cosine" else queries
-    exact = np.concatenate([np.argmax(q_ref[a : a + 1000] @ p_ref.T, axis=1)
-                            for a in range(0, 10_000, 1000)])
+    q_ref = (
+        queries / np.linalg.norm(queries, axis=1, keepdims=True) if metric == "cosine" else queries
+    )
+    exact = np.concatenate(
+        [np.argmax(q_ref[a : a + 1000] @ p_ref.T, axis=1) for a in range(0, 10_000, 1000)]
+    )
     _, i = K.topk(queries, K.PrototypeMatrix(protos, "bfloat16", metric), 1)
     recall = float((i[:, 0] == exact).mean())
     assert recall >= 0.999, recall
@@ -257,7 +265,7 @@ def test_bad_input_raises_clear_errors():
         K.PrototypeMatrix(np.ones((2, 4), bool))
     bad = q.copy()
     bad[1, 2] = np.nan
-    with pytest.raises(ValueError, match="NaN or infinity.*row: 1"):
+    with pytest.raises(ValueError, match=r"NaN or infinity.*row: 1"):
         K.topk(bad, pm, 1)
     with pytest.raises(ValueError, match="NaN or infinity"):
         pm.append(np.full((1, 4), np.inf, np.float32))
@@ -330,7 +338,9 @@ def test_concurrent_edits_and_scans_are_safe():
         for _ in range(200):
             pm.append(gaussian(rng, 50, 32))
 
-    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=writer)]
+    threads = [threading.Thread(target=reader) for _ in range(3)] + [
+        threading.Thread(target=writer)
+    ]
     for t in threads:
         t.start()
     for t in threads:

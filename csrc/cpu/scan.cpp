@@ -4,6 +4,7 @@
 // raw dot products to a sink (bounded top-k heaps, or the score matrix).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -18,7 +19,7 @@
 namespace protoserve {
 namespace {
 
-constexpr size_t kTileBytes = 512u << 10;  // panels kept hot in L2 per tile (+ the next)
+static const size_t kTileBytes = std::getenv("PS_TILE_KB") ? std::atoi(std::getenv("PS_TILE_KB")) * 1024 : (512u << 10);
 constexpr int64_t kMinPanelsPerChunk = 32;
 
 // Queries as the scan reads them: normalised rows (kept for the exact
