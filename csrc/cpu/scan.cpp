@@ -19,7 +19,7 @@
 namespace protoserve {
 namespace {
 
-static const size_t kTileBytes = std::getenv("PS_TILE_KB") ? std::atoi(std::getenv("PS_TILE_KB")) * 1024 : (512u << 10);
+constexpr size_t kTileBytes = 512u << 10;  // panels kept hot in L2 per tile
 constexpr int64_t kMinPanelsPerChunk = 32;
 
 // Queries as the scan reads them: normalised rows (kept for the exact
@@ -116,24 +116,11 @@ void scan_task(const PrototypeStore& store, const MicroKernels& mk, const Prepar
   std::vector<float> out(static_cast<size_t>(mk.max_queries) * ldo);
   const int64_t rows = store.size();
 
-  const char* storage = bf16 ? reinterpret_cast<const char*>(store.panels_bf16())
-                             : reinterpret_cast<const char*>(store.panels_f32());
-  const int64_t nblocks = t.b1 - t.b0;
   for (int64_t p = t.p0; p < t.p1; p += tile) {
     const int np = static_cast<int>(std::min<int64_t>(tile, t.p1 - p));
     const int64_t base = p * kLanes;
     const int valid = static_cast<int>(std::min<int64_t>(np * kLanes, rows - base));
-    // While the query blocks pass over this tile (from L2), pull the next
-    // tile towards L2 in slices, so only the first pass ever waits on DRAM.
-    const int64_t next_np = std::min<int64_t>(tile, t.p1 - p - np);
-    const char* next = storage + (p + np) * panel_bytes;
-    const size_t next_bytes = next_np > 0 ? next_np * panel_bytes : 0;
     for (int64_t b = t.b0; b < t.b1; ++b) {
-      if (next_bytes && nblocks > 1) {
-        const size_t k = b - t.b0;
-        for (size_t off = next_bytes * k / nblocks; off < next_bytes * (k + 1) / nblocks; off += 64)
-          __builtin_prefetch(next + off, 0, 2);
-      }
       const int nb = static_cast<int>(pq.starts[b + 1] - pq.starts[b]);
       if (bf16)
         mk.dot_bf16(pq.block(b), nb, store.panels_bf16() + p * panel_elems, np, pdim, out.data(),
