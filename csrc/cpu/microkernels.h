@@ -21,14 +21,22 @@ namespace protoserve {
 
 enum Bf16QueryFormat : int { kWidened = 0, kBf16Pairs = 1 };
 
+struct Prefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+};
+
 struct MicroKernels {
   const char* name;
   int max_queries;  // query rows per call
   int bf16_query_format;
+  // `prefetch` asks for the lines [pf.next, pf.end) to be pulled into L2,
+  // one per inner step, so the next tile streams in while this one
+  // computes from cache (levels without it ignore the hint).
   void (*dot_f32)(const float* qpack, int nq, const float* panels, int npanels, int dim,
-                  float* out, size_t ldo);
+                  float* out, size_t ldo, struct Prefetch& prefetch);
   void (*dot_bf16)(const void* qpack, int nq, const uint16_t* panels, int npanels,
-                   int padded_dim, float* out, size_t ldo);
+                   int padded_dim, float* out, size_t ldo, struct Prefetch& prefetch);
   // Sums n floats with this ISA's widest loads: the read-bandwidth ceiling.
   double (*read_sum)(const float* data, int64_t n);
 };

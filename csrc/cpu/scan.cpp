@@ -116,18 +116,28 @@ void scan_task(const PrototypeStore& store, const MicroKernels& mk, const Prepar
   std::vector<float> out(static_cast<size_t>(mk.max_queries) * ldo);
   const int64_t rows = store.size();
 
+  const char* storage = bf16 ? reinterpret_cast<const char*>(store.panels_bf16())
+                             : reinterpret_cast<const char*>(store.panels_f32());
   for (int64_t p = t.p0; p < t.p1; p += tile) {
     const int np = static_cast<int>(std::min<int64_t>(tile, t.p1 - p));
     const int64_t base = p * kLanes;
     const int valid = static_cast<int>(std::min<int64_t>(np * kLanes, rows - base));
+    // The first query block streams this tile from memory; the later ones
+    // read it from L2 and, one line per inner step, pull the next tile in.
+    const int64_t next_np = std::min<int64_t>(tile, t.p1 - p - np);
+    Prefetch pf;
     for (int64_t b = t.b0; b < t.b1; ++b) {
       const int nb = static_cast<int>(pq.starts[b + 1] - pq.starts[b]);
+      if (b == t.b0 + 1 && next_np > 0) {
+        pf.next = storage + (p + np) * panel_bytes;
+        pf.end = pf.next + next_np * panel_bytes;
+      }
       if (bf16)
         mk.dot_bf16(pq.block(b), nb, store.panels_bf16() + p * panel_elems, np, pdim, out.data(),
-                    ldo);
+                    ldo, pf);
       else
         mk.dot_f32(pq.block(b), nb, store.panels_f32() + p * panel_elems, np, pdim, out.data(),
-                   ldo);
+                   ldo, pf);
       for (int i = 0; i < nb; ++i) sink(pq.starts[b] + i, base, out.data() + i * ldo, valid);
     }
   }

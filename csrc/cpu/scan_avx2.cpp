@@ -71,7 +71,7 @@ void dot_bf16_block(const float* q, int nq, const uint16_t* panel, int pairs, fl
 }
 
 void dot_f32(const float* q, int nq, const float* panels, int npanels, int dim, float* out,
-             size_t ldo) {
+             size_t ldo, Prefetch& /*prefetch*/) {
   for (int p = 0; p < npanels; ++p)
     with_query_count<kMaxQ>(nq, [&](auto n) {
       dot_f32_block<decltype(n)::value>(q, nq, panels + static_cast<size_t>(p) * kLanes * dim,
@@ -80,7 +80,7 @@ void dot_f32(const float* q, int nq, const float* panels, int npanels, int dim, 
 }
 
 void dot_bf16(const void* qv, int nq, const uint16_t* panels, int npanels, int padded_dim,
-              float* out, size_t ldo) {
+              float* out, size_t ldo, Prefetch& /*prefetch*/) {
   const float* q = static_cast<const float*>(qv);
   for (int p = 0; p < npanels; ++p) {
     const uint16_t* panel = panels + static_cast<size_t>(p) * kLanes * padded_dim;

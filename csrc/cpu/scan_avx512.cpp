@@ -18,11 +18,15 @@ constexpr int kMaxQ = 12;
 
 template <int NQ, int NP>
 void dot_f32_block(const float* q, const float* panels, size_t pstride, int dim, float* out,
-                   size_t ldo) {
+                   size_t ldo, Prefetch& pf) {
   __m512 acc[NQ][NP];
   for (int i = 0; i < NQ; ++i)
     for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
   for (int d = 0; d < dim; ++d) {
+    if (pf.next < pf.end) {
+      _mm_prefetch(pf.next, _MM_HINT_T1);
+      pf.next += 64;
+    }
     __m512 b[NP];
     for (int p = 0; p < NP; ++p) b[p] = _mm512_load_ps(panels + p * pstride + d * kLanes);
     const float* qd = q + d * NQ;
@@ -40,12 +44,16 @@ void dot_f32_block(const float* q, const float* panels, size_t pstride, int dim,
 constexpr int kBf16Format = kBf16Pairs;
 template <int NQ, int NP>
 void dot_bf16_block(const void* qv, const uint16_t* panels, size_t pstride, int pairs,
-                    float* out, size_t ldo) {
+                    float* out, size_t ldo, Prefetch& pf) {
   const uint32_t* q = static_cast<const uint32_t*>(qv);
   __m512 acc[NQ][NP];
   for (int i = 0; i < NQ; ++i)
     for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
   for (int j = 0; j < pairs; ++j) {
+    if (pf.next < pf.end) {
+      _mm_prefetch(pf.next, _MM_HINT_T1);
+      pf.next += 64;
+    }
     __m512bh b[NP];
     for (int p = 0; p < NP; ++p)
       b[p] = (__m512bh)_mm512_load_si512(panels + p * pstride + static_cast<size_t>(j) * 2 * kLanes);
@@ -65,13 +73,17 @@ constexpr int kBf16Format = kWidened;
 // shifting left by 16 widens the low one, masking keeps the high one.
 template <int NQ, int NP>
 void dot_bf16_block(const void* qv, const uint16_t* panels, size_t pstride, int pairs,
-                    float* out, size_t ldo) {
+                    float* out, size_t ldo, Prefetch& pf) {
   const float* q = static_cast<const float*>(qv);
   __m512 acc[NQ][NP];
   for (int i = 0; i < NQ; ++i)
     for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
   const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int j = 0; j < pairs; ++j) {
+    if (pf.next < pf.end) {
+      _mm_prefetch(pf.next, _MM_HINT_T1);
+      pf.next += 64;
+    }
     __m512 lo[NP], hi[NP];
     for (int p = 0; p < NP; ++p) {
       const __m512i w =
@@ -96,7 +108,7 @@ void dot_bf16_block(const void* qv, const uint16_t* panels, size_t pstride, int 
 #endif
 
 void dot_f32(const float* q, int nq, const float* panels, int npanels, int dim, float* out,
-             size_t ldo) {
+             size_t ldo, Prefetch& pf) {
   const size_t pstride = static_cast<size_t>(kLanes) * dim;
   with_query_count<kMaxQ>(nq, [&](auto n) {
     constexpr int NQ = decltype(n)::value;
@@ -105,14 +117,14 @@ void dot_f32(const float* q, int nq, const float* panels, int npanels, int dim, 
     constexpr int NP = NQ <= 2 ? 8 : NQ <= 5 ? 4 : 2;
     int p = 0;
     for (; p + NP <= npanels; p += NP)
-      dot_f32_block<NQ, NP>(q, panels + p * pstride, pstride, dim, out + p * kLanes, ldo);
+      dot_f32_block<NQ, NP>(q, panels + p * pstride, pstride, dim, out + p * kLanes, ldo, pf);
     for (; p < npanels; ++p)
-      dot_f32_block<NQ, 1>(q, panels + p * pstride, pstride, dim, out + p * kLanes, ldo);
+      dot_f32_block<NQ, 1>(q, panels + p * pstride, pstride, dim, out + p * kLanes, ldo, pf);
   });
 }
 
 void dot_bf16(const void* q, int nq, const uint16_t* panels, int npanels, int padded_dim,
-              float* out, size_t ldo) {
+              float* out, size_t ldo, Prefetch& pf) {
   const size_t pstride = static_cast<size_t>(kLanes) * padded_dim;
   with_query_count<kMaxQ>(nq, [&](auto n) {
     constexpr int NQ = decltype(n)::value;
@@ -121,9 +133,9 @@ void dot_bf16(const void* q, int nq, const uint16_t* panels, int npanels, int pa
     constexpr int NP = NQ == 1 ? 8 : NQ <= 5 ? 4 : 2;  // widening needs 2 regs a panel
     int p = 0;
     for (; p + NP <= npanels; p += NP)
-      dot_bf16_block<NQ, NP>(q, panels + p * pstride, pstride, padded_dim / 2, out + p * kLanes, ldo);
+      dot_bf16_block<NQ, NP>(q, panels + p * pstride, pstride, padded_dim / 2, out + p * kLanes, ldo, pf);
     for (; p < npanels; ++p)
-      dot_bf16_block<NQ, 1>(q, panels + p * pstride, pstride, padded_dim / 2, out + p * kLanes, ldo);
+      dot_bf16_block<NQ, 1>(q, panels + p * pstride, pstride, padded_dim / 2, out + p * kLanes, ldo, pf);
   });
 }
 

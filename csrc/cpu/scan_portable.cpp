@@ -12,7 +12,7 @@ namespace {
 constexpr int kMaxQ = 4;
 
 void dot_f32(const float* q, int nq, const float* panels, int npanels, int dim, float* out,
-             size_t ldo) {
+             size_t ldo, Prefetch& /*prefetch*/) {
   const size_t pstride = static_cast<size_t>(kLanes) * dim;
   for (int p = 0; p < npanels; ++p) {
     const float* panel = panels + p * pstride;
@@ -30,7 +30,7 @@ void dot_f32(const float* q, int nq, const float* panels, int npanels, int dim, 
 }
 
 void dot_bf16(const void* qv, int nq, const uint16_t* panels, int npanels, int padded_dim,
-              float* out, size_t ldo) {
+              float* out, size_t ldo, Prefetch& /*prefetch*/) {
   const float* q = static_cast<const float*>(qv);  // kWidened
   const size_t pstride = static_cast<size_t>(kLanes) * padded_dim;
   const int pairs = padded_dim / 2;
