@@ -258,7 +258,7 @@ def topk(
     if _is_cuda_tensor(queries):
         from server import _cuda
 
-        return _cuda.topk(queries, prototypes, int(k), metric or "cosine")  # type: ignore[no-any-return]
+        return _cuda.topk(queries, prototypes, int(k), metric)  # type: ignore[no-any-return]
     pm = _matrix(prototypes, metric)
     q = _rows(queries, "queries", pm.dim)
     s, i = _kernels.topk(pm._store, q, int(k), pm.rerank)
@@ -274,7 +274,7 @@ def scores(queries: Any, prototypes: Any, *, metric: Metric | None = None) -> Fl
     if _is_cuda_tensor(queries):
         from server import _cuda
 
-        return _cuda.scores(queries, prototypes, metric or "cosine")  # type: ignore[no-any-return]
+        return _cuda.scores(queries, prototypes, metric)  # type: ignore[no-any-return]
     pm = _matrix(prototypes, metric)
     q = _rows(queries, "queries", pm.dim)
     return np.asarray(_kernels.scores(pm._store, q))
