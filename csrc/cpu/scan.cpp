@@ -156,6 +156,32 @@ double exact_dot(const float* a, const float* b, int dim) {
   return s;
 }
 
+// The largest score in a run before the query term: dot for ip/cosine,
+// 2*dot - |p|^2 for l2 (finalize_score subtracts |q|^2 last, and rounding
+// is monotonic, so max-then-subtract equals subtract-then-max).
+float run_max(int metric, const float* dots, const float* pn2, int n) {
+  float m[kLanes];
+  for (float& v : m) v = -std::numeric_limits<float>::infinity();
+  int l = 0;
+  if (metric == kL2) {
+    for (; l + kLanes <= n; l += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float v = 2.0f * dots[l + j] - pn2[l + j];
+        m[j] = m[j] < v ? v : m[j];
+      }
+    for (; l < n; ++l) m[0] = std::max(m[0], 2.0f * dots[l] - pn2[l]);
+  } else {
+    for (; l + kLanes <= n; l += kLanes)
+      for (int j = 0; j < kLanes; ++j) m[j] = m[j] < dots[l + j] ? dots[l + j] : m[j];
+    for (; l < n; ++l) m[0] = std::max(m[0], dots[l]);
+  }
+  float best = m[0];
+  for (float v : m) best = std::max(best, v);
+  return best;
+}
+
+float qn2_if_l2(int metric, float qn2) { return metric == kL2 ? qn2 : 0.0f; }
+
 }  // namespace
 
 void topk(const PrototypeStore& store, const float* queries, int64_t nq, int k, int rerank,
@@ -195,20 +221,15 @@ void topk(const PrototypeStore& store, const float* queries, int64_t nq, int k, 
       // and the common case is one compare per score.
       constexpr float kNone = -std::numeric_limits<float>::infinity();
       float bar = n == cand ? s[0] : kNone;
-      for (int l0 = 0; l0 < valid; l0 += kLanes) {
-        const int len = std::min(kLanes, valid - l0);
-        float sc[kLanes];
-        bool any = false;  // a branch-free pass the compiler vectorises
-        for (int l = 0; l < kLanes; ++l) {
-          sc[l] = finalize_score(metric, dots[l0 + l], qn2, pn2[base + l0 + l]);
-          any |= sc[l] > bar;
-        }
-        if (!any && n == cand) continue;
-        for (int l = 0; l < len; ++l) {
-          if (sc[l] > bar || n < cand) {
-            heap_offer(s, id, &n, cand, sc[l], base + l0 + l);
-            bar = n == cand ? s[0] : kNone;
-          }
+      // Once the heap is full, most runs hold nothing better than its worst:
+      // one vectorised max over the run (16 independent lanes) skips them.
+      if (n == cand && run_max(metric, dots, pn2 + base, valid) - qn2_if_l2(metric, qn2) <= bar)
+        return;
+      for (int l = 0; l < valid; ++l) {
+        const float score = finalize_score(metric, dots[l], qn2, pn2[base + l]);
+        if (score > bar || n < cand) {
+          heap_offer(s, id, &n, cand, score, base + l);
+          bar = n == cand ? s[0] : kNone;
         }
       }
       hn[slot] = n;
