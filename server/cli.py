@@ -25,11 +25,54 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from training.export import ExportError, export_open_clip
+    except ImportError as e:  # torch / open_clip live in the train extra
+        print(
+            f"protoserve export needs the train extra (pip install .[train]): {e}", file=sys.stderr
+        )
+        return 2
+    try:
+        folder = export_open_clip(
+            args.arch,
+            args.out,
+            pretrained=args.pretrained,
+            checkpoint=args.checkpoint,
+            name=args.name,
+            fp16=args.fp16,
+            opset=args.opset,
+            overwrite=args.overwrite,
+        )
+    except ExportError as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    m = folder.manifest
+    print(
+        f"exported {m.provenance.architecture} to {folder.path} "
+        f"(towers: {', '.join(m.towers)}, dim {m.embedding_dim})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protoserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print the kernels' SIMD level, threads and CUDA status")
     info.set_defaults(func=_info)
+
+    export = sub.add_parser("export", help="export a backbone into the model repository")
+    export_sub = export.add_subparsers(dest="source", required=True)
+    oc = export_sub.add_parser("open-clip", help="an open_clip architecture -> image+text towers")
+    oc.add_argument("--arch", required=True, help="open_clip model name, e.g. ViT-B-32")
+    oc.add_argument("--pretrained", help="pretrained tag (downloads where the network allows)")
+    oc.add_argument("--checkpoint", help="a local checkpoint file instead of a tag")
+    oc.add_argument("--out", required=True, help="model folder to create, e.g. models/vit-b-32")
+    oc.add_argument("--name", help="model name (default: the folder's name)")
+    oc.add_argument("--fp16", action="store_true", help="store the towers' weights in fp16")
+    oc.add_argument("--opset", type=int, default=18)
+    oc.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    oc.set_defaults(func=_export)
     return parser
 
 

@@ -1,0 +1,113 @@
+"""onnxruntime in-process: the default runtime.
+
+Execution providers come from the config: ``"auto"`` takes TensorRT, then
+CUDA, then CPU, as far as the installed onnxruntime build offers them (the
+CPU wheel offers only CPU). Thread counts are per session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.model_repo import ModelFolder
+from server.runtimes.base import (
+    Embeddings,
+    Pixels,
+    Runtime,
+    RuntimeError_,
+    UnsupportedTower,
+    check_output,
+    check_pixels,
+)
+
+PREFERRED_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+
+@dataclass(frozen=True)
+class OnnxConfig:
+    """How to run the towers. ``providers``: "auto" or an explicit list."""
+
+    providers: tuple[str, ...] | str = "auto"
+    intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
+    inter_op_threads: int = 1
+
+
+def pick_providers(wanted: tuple[str, ...] | str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if wanted == "auto":
+        return [p for p in PREFERRED_PROVIDERS if p in available]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise RuntimeError_(
+            f"execution providers {missing} are not available in this onnxruntime build "
+            f"(available: {available})"
+        )
+    return list(wanted)
+
+
+class OnnxRuntime(Runtime):
+    def __init__(self, model: ModelFolder, config: OnnxConfig | None = None) -> None:
+        import onnxruntime as ort
+
+        self.model = model
+        self.config = config or OnnxConfig()
+        self.dim = model.manifest.embedding_dim
+        pre = model.manifest.preprocess
+        self._channels = 1 if pre.get("channels") == "L" else 3
+        self._size = (int(pre["size"][0]), int(pre["size"][1]))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.config.intra_op_threads
+        opts.inter_op_num_threads = self.config.inter_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = pick_providers(self.config.providers)
+        self._sessions: dict[str, Any] = {}
+        for tower in model.manifest.towers:
+            try:
+                self._sessions[tower] = ort.InferenceSession(
+                    str(model.tower_path(tower)), sess_options=opts, providers=self.providers
+                )
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise RuntimeError_(f"{model.name}/{tower}: cannot load ONNX tower: {e}") from e
+        self._tokenizer: Any = None
+        if model.has_text:
+            from server.tokenizer import ClipTokenizer
+
+            tok = model.manifest.tokenizer
+            assert tok is not None and model.vocab_path is not None
+            self._tokenizer = ClipTokenizer(model.vocab_path, context_length=tok.context_length)
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self._sessions
+
+    def _run(self, tower: str, feed: np.ndarray) -> Embeddings:
+        spec = self.model.manifest.towers[tower]
+        try:
+            (out,) = self._sessions[tower].run([spec.output], {spec.input: feed})
+        except Exception as e:
+            raise RuntimeError_(f"{self.model.name}/{tower}: inference failed: {e}") from e
+        return check_output(out, feed.shape[0], self.dim, f"{self.model.name}/{tower}")
+
+    def encode_images(self, pixels: Pixels) -> Embeddings:
+        batch = check_pixels(pixels, self._channels, self._size)
+        if batch.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self._run("image", batch)
+
+    def encode_texts(self, texts: Sequence[str]) -> Embeddings:
+        if not self.has_text:
+            raise UnsupportedTower(f"model {self.model.name!r} has no text tower")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        tokens = np.ascontiguousarray(self._tokenizer(list(texts)), dtype=np.int64)
+        return self._run("text", tokens)
