@@ -1,0 +1,84 @@
+"""Image tower throughput: onnxruntime vs torch eager, same model, same run.
+
+    python bench/backbones.py [--arch ViT-B-32] [--batches 1 8 32] [--seconds 3]
+
+Exports the open_clip architecture (random weights: throughput does not
+depend on them) into a temporary model folder, then times the image tower
+at each batch size in interleaved rounds and prints images/s and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+
+def images_per_s(fn: Callable[[], object], batch: int, seconds: float) -> float:
+    fn()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return n * batch / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="ViT-B-32")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+
+    import open_clip
+    import torch
+
+    from server.model_repo import load_model
+    from server.runtimes.onnx_rt import OnnxConfig, OnnxRuntime
+    from training.export import export_open_clip
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"exporting {args.arch} (random weights) ...", file=sys.stderr)
+        folder = export_open_clip(args.arch, f"{tmp}/model")
+        ort_rt = OnnxRuntime(load_model(folder.path), OnnxConfig(intra_op_threads=args.threads))
+        model = open_clip.create_model(args.arch, pretrained=None).eval()
+        size = tuple(folder.manifest.preprocess["size"])
+        rows = []
+        for batch in args.batches:
+            pixels = np.random.default_rng(0).standard_normal((batch, 3, *size)).astype(np.float32)
+            tp = torch.from_numpy(pixels)
+
+            def run_torch(tp: torch.Tensor = tp) -> object:
+                with torch.inference_mode():
+                    return model.encode_image(tp)
+
+            def run_ort(pixels: np.ndarray = pixels) -> object:
+                return ort_rt.encode_images(pixels)
+
+            best = {"onnxruntime": 0.0, "torch eager": 0.0}
+            for _ in range(args.rounds):
+                best["torch eager"] = max(
+                    best["torch eager"], images_per_s(run_torch, batch, args.seconds)
+                )
+                best["onnxruntime"] = max(
+                    best["onnxruntime"], images_per_s(run_ort, batch, args.seconds)
+                )
+            rows.append((batch, best["onnxruntime"], best["torch eager"]))
+    print(f"{args.arch} image tower, {args.threads} threads, best of {args.rounds} rounds")
+    print("| batch | onnxruntime img/s | torch eager img/s | ratio |")
+    print("|---|---|---|---|")
+    for batch, o, t in rows:
+        print(f"| {batch} | {o:.1f} | {t:.1f} | {o / t:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
