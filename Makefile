@@ -13,7 +13,9 @@ ifneq ($(NVCC),)
 export CUDACXX ?= $(NVCC)
 endif
 export PROTOSERVE_CUDA
-EXTRAS ?= dev
+# One environment for serving, tests and benchmarks (the serving path itself
+# never imports torch: tests check that in a subprocess).
+EXTRAS ?= dev,train
 SOURCES := $(shell find csrc server training -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name 'CMakeLists.txt' \) 2>/dev/null)
 STAMP := $(VENV)/.protoserve-$(EXTRAS)-$(PROTOSERVE_CUDA)
 
@@ -49,9 +51,9 @@ pytest: setup
 
 test: lint typecheck pytest
 
-bench: EXTRAS = dev,train
 bench: setup
 	$(PY) bench/kernels.py
+	$(PY) bench/backbones.py
 
 clean:
 	rm -rf build $(VENV)
