@@ -12,12 +12,12 @@ then moves the folder into place: a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,17 @@ class ExportError(RuntimeError):
 
 
 class _Tower(torch.nn.Module):
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """One tower of a model as its own module: ``model.<method>(x, **kwargs)`` in float32."""
+
+    def __init__(self, model: torch.nn.Module, method: str, **kwargs: Any) -> None:
         super().__init__()
-        self.fn = fn
+        self.model = model.eval().requires_grad_(False)
+        self.method = method
+        self.kwargs = kwargs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x).float()
+        out: torch.Tensor = getattr(self.model, self.method)(x, **self.kwargs)
+        return out.float()
 
 
 def _export_tower(
@@ -71,23 +76,61 @@ def _export_tower(
     fp16: bool,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=[input_name],
-            output_names=[OUTPUT],
-            dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
-    if fp16:
+    # nn.MultiheadAttention's fused inference fast path has no ONNX export.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=[OUTPUT],
+                dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    if fp16:  # fp16 weights, float32 inputs and outputs
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.onnx_model import OnnxModel
 
-        model = onnx.load(str(path))
-        onnx.save(convert_float_to_float16(model, keep_io_types=True), str(path))
+        half = OnnxModel(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True))
+        half.topological_sort()  # the converter can leave the graph unsorted
+        onnx.save(half.model, str(path))
+
+
+# Runs the exported tower in a child process: an onnxruntime crash (seen:
+# onnxruntime 1.32's CPU provider segfaults on fp16 ViT graphs on an
+# AVX512-FP16 CPU) must fail the export with a message, not kill the caller.
+_ORT_CHILD = """
+import sys, numpy as np, onnxruntime as ort
+model, inp, out, src, dst = sys.argv[1:6]
+sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+np.save(dst, sess.run([out], {inp: np.load(src)})[0])
+"""
+
+
+def _run_onnx_isolated(path: Path, input_name: str, batch: np.ndarray, what: str) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as t:
+        src, dst = Path(t) / "in.npy", Path(t) / "out.npy"
+        np.save(src, batch)
+        proc = subprocess.run(
+            [sys.executable, "-c", _ORT_CHILD, str(path), input_name, OUTPUT, str(src), str(dst)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode != 0:
+            how = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else "failed"
+            raise ExportError(
+                f"{what}: onnxruntime {how} running the exported tower: "
+                f"{proc.stderr.strip()[-500:] or 'no message'}"
+            )
+        return np.load(dst)
 
 
 def _parity(
@@ -98,18 +141,14 @@ def _parity(
     min_cosine: float,
     what: str,
 ) -> float:
-    import onnxruntime as ort
-
     with torch.no_grad():
         ref = module(batch).float().numpy()
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = sess.run([OUTPUT], {input_name: batch.numpy()})
+    got = _run_onnx_isolated(path, input_name, batch.numpy(), what)
     if got.shape != ref.shape:
         raise ExportError(f"{what}: onnxruntime gave shape {got.shape}, torch {ref.shape}")
     num = (got * ref).sum(1)
     den = np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12
-    cos = num / den
-    worst = float(cos.min())
+    worst = float((num / den).min())
     if not worst >= min_cosine:
         raise ExportError(
             f"{what}: parity check failed, onnxruntime vs torch cosine {worst:.6f} < {min_cosine}"
@@ -164,7 +203,7 @@ def export_open_clip(
     import open_clip
     from open_clip.tokenizer import default_bpe
 
-    from server.preprocess import PreprocessConfig
+    from server.imaging import PreprocessConfig
 
     out_dir = Path(out_dir)
     model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
@@ -180,8 +219,8 @@ def export_open_clip(
     channels = 1 if pre.channels == "L" else 3
     pixels = torch.randn(PARITY_SAMPLES, channels, *pre.size, generator=gen)
     tokens = tokenizer(PARITY_TEXTS).to(torch.int64)
-    image = _Tower(lambda x: model.encode_image(x, normalize=False)).eval()
-    text = _Tower(lambda t: model.encode_text(t, normalize=False)).eval()
+    image = _Tower(model, "encode_image", normalize=False).eval()
+    text = _Tower(model, "encode_text", normalize=False).eval()
     dim = int(image(pixels[:1]).shape[1])
 
     with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as t:
@@ -207,7 +246,7 @@ def export_open_clip(
             name=name or out_dir.name,
             embedding_dim=dim,
             towers=towers,
-            preprocess=_json_ready(dataclasses.asdict(pre)),
+            preprocess=_json_ready(pre.to_dict()),
             scoring=Scoring(metric="cosine", logit_scale=float(model.logit_scale.exp().item())),
             provenance=Provenance(
                 source="open_clip",
@@ -246,14 +285,14 @@ def export_image_backbone(
     seed: int = 0,
 ) -> ModelFolder:
     """Exports one of our own image encoders (float32 [N,C,H,W] -> [N,D])."""
-    from server.preprocess import PreprocessConfig
+    from server.imaging import PreprocessConfig
 
     out_dir = Path(out_dir)
     pre = PreprocessConfig.from_dict(preprocess)
     channels = 1 if pre.channels == "L" else 3
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randn(PARITY_SAMPLES, channels, *pre.size, generator=gen)
-    image = _Tower(module.eval()).eval()
+    image = _Tower(module, "forward").eval()
     with torch.no_grad():
         dim = int(image(pixels[:1]).shape[1])
     with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as t:
@@ -272,7 +311,7 @@ def export_image_backbone(
                     precision="fp16" if fp16 else "fp32",
                 )
             },
-            preprocess=_json_ready(dataclasses.asdict(pre)),
+            preprocess=_json_ready(pre.to_dict()),
             scoring=Scoring(metric=metric, logit_scale=logit_scale),
             provenance=Provenance(
                 source="protoserve.training",
