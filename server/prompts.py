@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -198,3 +199,14 @@ def ensemble_embedding(embeddings: npt.ArrayLike) -> npt.NDArray[np.float32]:
         raise ValueError("the normalised embeddings cancel out (mean has zero norm)")
     out: npt.NDArray[np.float32] = (mean / mean_norm).astype(np.float32)
     return out
+
+
+class _TextEncoder(Protocol):
+    def encode_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
+
+
+def class_embedding(
+    runtime: _TextEncoder, classname: str, templates: str | Sequence[str] = "openai_imagenet"
+) -> npt.NDArray[np.float32]:
+    """A class's zero-shot embedding: the normalised mean over its prompts' embeddings."""
+    return ensemble_embedding(runtime.encode_texts(expand(classname, templates)))

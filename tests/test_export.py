@@ -158,3 +158,25 @@ def test_vit_b_32_exports_with_parity(tmp_path: Path) -> None:
     folder = export_open_clip("ViT-B-32", tmp_path / "vit")
     assert folder.manifest.embedding_dim == 512
     assert folder.manifest.preprocess["size"] == [224, 224]
+
+
+def test_zero_shot_class_embedding_matches_open_clip(
+    exported, tiny_arch: str, tiny_checkpoint: Path
+) -> None:
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    from server.prompts import TEMPLATE_SETS, class_embedding
+
+    model = open_clip.create_model(tiny_arch, pretrained=None)
+    open_clip.load_checkpoint(model, str(tiny_checkpoint))
+    templates = TEMPLATE_SETS["simple_imagenet"]
+    ref = build_zero_shot_classifier(
+        model.eval(),
+        open_clip.get_tokenizer(tiny_arch),
+        ["cat", "omniglot character"],
+        [lambda c, t=t: t.format(c) for t in templates],
+        use_tqdm=False,
+    ).numpy()
+    rt = OnnxRuntime(exported)
+    ours = np.stack([class_embedding(rt, c, templates) for c in ["cat", "omniglot character"]])
+    assert cosine(ours, ref.T).min() >= 0.999
