@@ -41,6 +41,7 @@ def _export(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             name=args.name,
             fp16=args.fp16,
+            fuse=not args.no_fuse,
             opset=args.opset,
             overwrite=args.overwrite,
         )
@@ -53,6 +54,12 @@ def _export(args: argparse.Namespace) -> int:
         f"(towers: {', '.join(m.towers)}, dim {m.embedding_dim})"
     )
     return 0
+
+
+def _train(argv: Sequence[str]) -> int:
+    from training.cli import main as train_main  # the train extra; owns its own arguments
+
+    return train_main(list(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,12 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--name", help="model name (default: the folder's name)")
     oc.add_argument("--fp16", action="store_true", help="store the towers' weights in fp16")
     oc.add_argument("--opset", type=int, default=18)
+    oc.add_argument("--no-fuse", action="store_true", help="skip onnxruntime's transformer fusions")
     oc.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     oc.set_defaults(func=_export)
+
+    train = sub.add_parser(
+        "train", add_help=False, help="meta-train, evaluate, export (protoserve train --help)"
+    )
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=lambda a: _train(a.args))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # before argparse, so `protoserve train --help` reaches training
+        return _train(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
