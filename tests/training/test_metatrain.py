@@ -1,0 +1,92 @@
+"""Meta-training: resuming equals an uninterrupted run; logs, curve and config checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.data import ImageSet, split_classes
+from training.metatrain import CHECKPOINT, load_checkpoint, lr_lambda, metatrain
+
+
+def tiny_config(**kw: object) -> TrainConfig:
+    base = dict(
+        size=16,
+        n_way=4,
+        k_shot=1,
+        q_query=2,
+        episodes=6,
+        backbone_options={"hidden": 8},
+        augment={"degrees": 10, "translate": 0.1, "stroke": 0.5},
+        val_episodes=20,
+        val_way=3,
+        val_query=3,
+        lr=3e-3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def data(glyphs: ImageSet) -> tuple[ImageSet, ImageSet]:
+    train, val = split_classes(glyphs, 0.25, seed=0)
+    return train.with_rotations([0, 1, 2, 3]), val
+
+
+@pytest.mark.parametrize("method", ["protonet", "maml"])
+def test_resume_equals_uninterrupted(tmp_path: Path, data, method: str) -> None:
+    cfg = tiny_config(method=method, n_way=3)  # MAML validates at its head's 3 ways
+    kw = {"progress": False, "data": data, "checkpoint_every": 2, "log_every": 1}
+    straight = metatrain(cfg, tmp_path / "a", **kw)
+    first = metatrain(cfg, tmp_path / "b", stop_after=3, **kw)
+    assert first["step"] == 3
+    resumed = metatrain(cfg, tmp_path / "b", **kw)
+    assert resumed["step"] == straight["step"] == 6
+    a = load_checkpoint(tmp_path / "a" / CHECKPOINT)
+    b = load_checkpoint(tmp_path / "b" / CHECKPOINT)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert [r["loss"] for r in straight["train"]] == [r["loss"] for r in resumed["train"]]
+    assert a["log"]["val"] == b["log"]["val"]
+    assert a["sampler"] == b["sampler"] == {"seed": 0, "next": 6}
+
+
+def test_run_folder_contents(tmp_path: Path, data) -> None:
+    cfg = tiny_config(val_every=2)
+    out = metatrain(cfg, tmp_path, progress=False, data=data, command="protoserve train x")
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["config"] == cfg.to_dict() and log["command"] == "protoserve train x"
+    assert [r["step"] for r in log["train"]] == [6]  # log_every=10 > 6 episodes: one line
+    assert [v["step"] for v in log["val"]] == [2, 4, 6]
+    assert all(0 <= v["acc"] <= 1 and v["n_way"] == 3 for v in log["val"])
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    assert set(state) >= {
+        "config",
+        "step",
+        "model",
+        "optimizer",
+        "scheduler",
+        "sampler",
+        "torch_rng",
+        "log",
+        "preprocess",
+    }
+    assert state["preprocess"] == data[0].preprocess and out["step"] == 6
+    with pytest.raises(ValueError, match="another config"):
+        metatrain(tiny_config(lr=1e-2), tmp_path, progress=False, data=data)
+
+
+def test_lr_schedules() -> None:
+    cos = lr_lambda(TrainConfig(episodes=100, warmup=10))
+    assert cos(0) == pytest.approx(0.1) and cos(10) == 1.0 and cos(55) == pytest.approx(0.5)
+    step = lr_lambda(TrainConfig(schedule="step", step_every=10, gamma=0.5))
+    assert [step(i) for i in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(TypeError):
+        TrainConfig(augment={"blur": 1.0})

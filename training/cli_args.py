@@ -1,0 +1,154 @@
+"""Argument groups of ``protoserve train`` and the ``TrainConfig`` they describe."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from training.config import TrainConfig
+
+
+def data_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, choices=["omniglot", "fashion-mnist", "folder"])
+    g.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="Omniglot zips/folders (repeatable; default: the two small background "
+        "sets under $PROTOSERVE_DATA or ../shared/data), or the dataset root",
+    )
+    g.add_argument("--size", type=int, default=d.size, help="image side in pixels")
+    g.add_argument("--interpolation", default=d.interpolation)
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        help="share of classes held out for validation (0: train on all)",
+    )
+    g.add_argument(
+        "--split-by",
+        default=d.split,
+        choices=["characters", "superclasses"],
+        help="hold out characters within every alphabet, or whole alphabets",
+    )
+    g.add_argument("--split-seed", type=int, default=d.split_seed)
+
+
+def metatrain_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--out", default="runs/metatrain", help="run folder (checkpoint, log, curve)")
+    data_args(p)
+    p.add_argument("--no-rotations", action="store_true", help="no 90-degree rotated classes")
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--backbone",
+        default=d.backbone,
+        help="conv4, resnet12, open_clip:<arch>[@<tag>], timm:<name>",
+    )
+    g.add_argument("--hidden", type=int, help="conv4 width (default 64)")
+    g.add_argument("--widths", type=int, nargs=4, help="resnet12 widths (default 64 160 320 640)")
+    g.add_argument(
+        "--method", default=d.method, choices=["protonet", "matching", "relation", "maml", "fomaml"]
+    )
+    g.add_argument("--distance", default=d.distance, choices=["l2", "cosine"], help="protonet")
+    g.add_argument("--inner-lr", type=float, help="maml/fomaml inner step size (0.4)")
+    g.add_argument("--inner-steps", type=int, help="maml/fomaml inner steps (1)")
+    g = p.add_argument_group("episodes")
+    g.add_argument("--way", type=int, default=d.n_way)
+    g.add_argument("--shot", type=int, default=d.k_shot)
+    g.add_argument("--query", type=int, default=d.q_query)
+    g.add_argument("--episodes", type=int, default=d.episodes)
+    g.add_argument("--within-alphabet", action="store_true", help="one alphabet per episode")
+    g.add_argument(
+        "--split-drawers",
+        action="store_true",
+        help="support and queries by different drawers, as in the one-shot runs",
+    )
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine", "step"])
+    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up episodes")
+    g.add_argument("--step-every", type=int, default=d.step_every, help="step schedule period")
+    g.add_argument("--gamma", type=float, default=d.gamma, help="step schedule factor")
+    g = p.add_argument_group("augmentation (off by default)")
+    g.add_argument("--degrees", type=float, default=0.0, help="random rotation, +- degrees")
+    g.add_argument("--translate", type=float, default=0.0, help="random shift, +- fraction")
+    g.add_argument("--scale", type=float, nargs=2, default=[1.0, 1.0], metavar=("MIN", "MAX"))
+    g.add_argument("--shear", type=float, default=0.0, help="random shear, +- degrees")
+    g.add_argument("--stroke", type=float, default=0.0, help="stroke-width jitter, 0..1")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--threads", type=int, default=1, help="torch threads")
+    g.add_argument("--val-every", type=int, default=d.val_every, help="0: at the end only")
+    g.add_argument("--val-episodes", type=int, default=d.val_episodes)
+    g.add_argument("--val-way", type=int, default=d.val_way)
+    g.add_argument("--val-shot", type=int, default=d.val_shot)
+    g.add_argument("--val-query", type=int, default=d.val_query)
+    g.add_argument("--checkpoint-every", type=int, default=100)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--stop-after", type=int, help="stop after this many episodes (resumable)")
+    g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    aug: dict[str, Any] = {
+        k: getattr(args, k) for k in ("degrees", "translate", "shear", "stroke") if getattr(args, k)
+    }
+    if list(args.scale) != [1.0, 1.0]:
+        aug["scale"] = list(args.scale)
+    backbone_opts = {k: v for k, v in (("hidden", args.hidden), ("widths", args.widths)) if v}
+    method_opts = {
+        k: v for k, v in (("inner_lr", args.inner_lr), ("inner_steps", args.inner_steps)) if v
+    }
+    return TrainConfig(
+        dataset=args.dataset,
+        data_path=list(args.data),
+        size=args.size,
+        interpolation=args.interpolation,
+        rotations=[0] if args.no_rotations else [0, 1, 2, 3],
+        val_fraction=args.val_fraction,
+        split=args.split_by,
+        split_seed=args.split_seed,
+        backbone=args.backbone,
+        backbone_options=backbone_opts,
+        method=args.method,
+        distance=args.distance,
+        method_options=method_opts,
+        n_way=args.way,
+        k_shot=args.shot,
+        q_query=args.query,
+        episodes=args.episodes,
+        within_superclass=args.within_alphabet,
+        split_drawers=args.split_drawers,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        step_every=args.step_every,
+        gamma=args.gamma,
+        augment=aug,
+        seed=args.seed,
+        val_every=args.val_every,
+        val_episodes=args.val_episodes,
+        val_way=args.val_way,
+        val_shot=args.val_shot,
+        val_query=args.val_query,
+    )
+
+
+def data_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A ``TrainConfig`` with only the data flags set (the rest default)."""
+    return TrainConfig(
+        dataset=args.dataset,
+        data_path=list(args.data),
+        size=args.size,
+        interpolation=args.interpolation,
+        val_fraction=args.val_fraction,
+        split=args.split_by,
+        split_seed=args.split_seed,
+    )

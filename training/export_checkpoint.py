@@ -1,0 +1,47 @@
+"""A meta-training checkpoint -> a model folder the server loads (``training.export``).
+
+Only the backbone is exported (the embedding the server scores). Its preprocessing is the
+training data's, and its scoring metric the method's: ``l2`` for an L2 ProtoNet (the server
+ranks by negative squared distance, exactly as the method classifies), ``cosine`` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from training.config import TrainConfig, build_method
+from training.metatrain import load_checkpoint
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> Any:
+    from training.export import export_image_backbone
+
+    state = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(state["config"])
+    pre = state["preprocess"]
+    in_channels = 1 if pre.get("channels") == "L" else 3
+    method = build_method(cfg, in_channels, (int(pre["size"][0]), int(pre["size"][1])))
+    method.load_state_dict(state["model"])
+    method.eval()
+    scale = 1.0 if method.metric == "l2" else float(method.log_scale.exp())
+    recipe = state.get("command") or json.dumps(cfg.to_dict(), sort_keys=True)
+    return export_image_backbone(
+        method.backbone,
+        out_dir,
+        preprocess=pre,
+        architecture=f"{cfg.backbone} ({cfg.method}, {cfg.distance})",
+        recipe=recipe,
+        name=name,
+        metric=method.metric,
+        logit_scale=scale,
+        checkpoint=str(Path(checkpoint).name),
+        overwrite=overwrite,
+    )
