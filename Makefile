@@ -19,7 +19,7 @@ EXTRAS ?= dev,train
 SOURCES := $(shell find csrc server training -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name 'CMakeLists.txt' \) 2>/dev/null)
 STAMP := $(VENV)/.protoserve-$(EXTRAS)-$(PROTOSERVE_CUDA)
 
-.PHONY: setup serve test lint typecheck pytest bench clean
+.PHONY: setup serve test lint typecheck pytest bench model clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,22 @@ test: lint typecheck pytest
 bench: setup
 	$(PY) bench/kernels.py
 	$(PY) bench/backbones.py
+
+# The bundled default model (docs/omniglot-model.md): retrains from the two
+# Omniglot background zips only, exports, and evaluates on held-out
+# characters and on sample_run. About 30 minutes on 2 cores.
+MODEL_RUN ?= runs/omniglot-protonet
+MODEL_DIR ?= models/omniglot-protonet
+model: setup
+	$(VENV)/bin/protoserve train metatrain --out $(MODEL_RUN) --restart --threads 2 \
+	  --backbone conv4 --method protonet --distance l2 --size 28 --way 60 --shot 1 --query 5 \
+	  --episodes 5000 --lr 1e-3 --schedule cosine --warmup 100 --degrees 10 --translate 0.08 \
+	  --scale 0.9 1.1 --shear 8 --stroke 0.4 --val-every 1000 --val-way 20 --val-episodes 500 \
+	  --checkpoint-every 250 --seed 0
+	$(VENV)/bin/protoserve train export --checkpoint $(MODEL_RUN)/checkpoint.pt --out $(MODEL_DIR) --overwrite
+	$(VENV)/bin/protoserve train evaluate --model $(MODEL_DIR) --way 5 --shot 1 --episodes 1000 --seed 1
+	$(VENV)/bin/protoserve train evaluate --model $(MODEL_DIR) --way 20 --shot 1 --episodes 1000 --seed 1
+	$(VENV)/bin/protoserve train eval-runs --model $(MODEL_DIR)
 
 clean:
 	rm -rf build $(VENV)
