@@ -36,8 +36,9 @@ $(STAMP): $(VENV)/bin/python pyproject.toml $(SOURCES)
 	@touch $@
 
 serve: setup
-	$(VENV)/bin/protoserve info
-	@echo "The gRPC server lands with the server issue; 'protoserve info' above shows the kernels."
+	@echo "protoserve: gRPC on 127.0.0.1:50051, models from ./models (default: omniglot-protonet), state in ./data"
+	@echo "API: proto/protoserve/v1/protoserve.proto (server reflection is on); Ctrl-C stops gracefully."
+	$(VENV)/bin/protoserve serve --host 127.0.0.1 --port 50051 --data-dir data --model-repo models
 
 lint: setup
 	$(VENV)/bin/ruff check server training tests bench

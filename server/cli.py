@@ -62,6 +62,23 @@ def _train(argv: Sequence[str]) -> int:
     return train_main(list(argv))
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from server.config import ConfigError, ServerConfig
+    from server.grpc.app import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        cfg = ServerConfig(
+            host=args.host, port=args.port, data_dir=args.data_dir, model_repo=args.model_repo
+        )
+    except ConfigError as e:
+        print(f"protoserve serve: {e}", file=sys.stderr)
+        return 2
+    return serve(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protoserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--no-fuse", action="store_true", help="skip onnxruntime's transformer fusions")
     oc.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     oc.set_defaults(func=_export)
+
+    srv = sub.add_parser("serve", help="run the gRPC server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=50051)
+    srv.add_argument("--data-dir", default="data", help="SQLite state (created if missing)")
+    srv.add_argument("--model-repo", default="models", help="folder of model folders")
+    srv.set_defaults(func=_serve)
 
     train = sub.add_parser(
         "train", add_help=False, help="meta-train, evaluate, export (protoserve train --help)"

@@ -1,0 +1,128 @@
+"""Builds and runs the gRPC server: ``build_server(cfg) -> (server, port)``; ``serve(cfg)``.
+
+The server carries the Protoserve service behind ``ErrorInterceptor``, grpc.health.v1 health
+checking and server reflection. ``ProtoserveServer.stop(grace)`` marks health NOT_SERVING,
+lets in-flight requests finish for ``grace`` seconds, then drains the batchers and closes the
+registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.config import ServerConfig
+from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
+from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
+from server.grpc.interceptors import ErrorInterceptor
+from server.grpc.service import ProtoserveServicer
+from server.model_repo import ModelRepository
+from server.pipeline import Pipeline, PipelineOptions
+from server.registry import Registry
+
+__all__ = ["SERVICE_NAME", "ProtoserveServer", "build_server", "serve"]
+
+log = logging.getLogger(__name__)
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Protoserve"].full_name
+
+
+class ProtoserveServer:
+    """A started-or-not gRPC server with the pipeline and registry it owns."""
+
+    def __init__(
+        self, server: grpc.Server, pipeline: Pipeline, health_servicer: health.HealthServicer
+    ) -> None:
+        self.grpc_server = server
+        self.pipeline = pipeline
+        self.health = health_servicer
+        self._stopped = False
+        self._stop_lock = threading.Lock()
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuses new RPCs, finishes in-flight ones (up to ``grace`` s), then closes state."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace).wait()
+        self.pipeline.close()
+        self.pipeline.registry.close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.grpc_server.wait_for_termination(timeout))
+
+
+def build_server(cfg: ServerConfig) -> tuple[ProtoserveServer, int]:
+    """A server bound to ``cfg.host:cfg.port`` (not started); the port actually bound."""
+    models = ModelRepository(cfg.model_repo)
+    registry = Registry.open(cfg.data_dir)
+    try:
+        pipeline = Pipeline(
+            registry,
+            models,
+            PipelineOptions(
+                max_batch_size=cfg.max_batch_size,
+                max_delay_s=cfg.max_delay_ms / 1000.0,
+                max_queue=cfg.max_queue,
+                decode_threads=cfg.decode_threads,
+                max_images_per_request=cfg.max_images_per_request,
+                max_pixels=cfg.max_pixels,
+            ),
+        )
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ]
+        server = grpc.server(
+            ThreadPoolExecutor(cfg.workers, thread_name_prefix="grpc"),
+            interceptors=[ErrorInterceptor()],
+            options=options,
+        )
+        pb_grpc.add_ProtoserveServicer_to_server(  # type: ignore[no-untyped-call]
+            ProtoserveServicer(pipeline), server
+        )
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if port == 0:
+            raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
+    except BaseException:
+        registry.close()
+        raise
+    return ProtoserveServer(server, pipeline, health_servicer), port
+
+
+def serve(cfg: ServerConfig) -> int:
+    """Runs until SIGINT/SIGTERM, then shuts down gracefully (``cfg.grace_s``)."""
+    server, port = build_server(cfg)
+    server.start()
+    log.info("protoserve listening on %s:%d (data %s)", cfg.host, port, cfg.data_dir)
+    print(f"protoserve listening on {cfg.host}:{port}", flush=True)
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    done.wait()
+    server.stop(cfg.grace_s)
+    return 0

@@ -1,0 +1,1 @@
+"""Code generated from ``proto/`` by ``python -m server.grpc.gen.generate``; do not edit."""

@@ -1,0 +1,86 @@
+"""The one interceptor that turns exceptions into gRPC status codes.
+
+An exception with a ``code`` attribute (``server.registry.errors``, ``server.errors``) gets
+that status and its message; ``ImageDecodeError`` is INVALID_ARGUMENT (its message names the
+image's index); anything else is INTERNAL with the traceback logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from server.imaging import ImageDecodeError
+
+__all__ = ["ErrorInterceptor", "status_for"]
+
+log = logging.getLogger(__name__)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ImageDecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code in grpc.StatusCode.__members__:
+        return grpc.StatusCode[code], str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _abort(method: str, context: grpc.ServicerContext, exc: Exception) -> None:
+    status, message = status_for(exc)
+    if status is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method)
+    else:
+        log.info("%s -> %s: %s", method, status.name, message)
+    context.abort(status, message)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+
+        def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return fn(request, context)
+                except Exception as e:
+                    _abort(method, context, e)
+
+            return call
+
+        def streaming(
+            fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+        ) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from fn(request, context)
+                except Exception as e:
+                    _abort(method, context, e)
+
+            return call
+
+        kinds = {
+            "unary_unary": (unary, grpc.unary_unary_rpc_method_handler),
+            "unary_stream": (streaming, grpc.unary_stream_rpc_method_handler),
+            "stream_unary": (unary, grpc.stream_unary_rpc_method_handler),
+            "stream_stream": (streaming, grpc.stream_stream_rpc_method_handler),
+        }
+        for attr, (wrap, make) in kinds.items():
+            fn = getattr(handler, attr)
+            if fn is not None:
+                return make(
+                    wrap(fn),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler

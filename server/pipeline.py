@@ -1,0 +1,354 @@
+"""The serving pipeline: decode -> preprocess -> dynamic batcher -> embed -> score -> top-k.
+
+One ``Pipeline`` serves every front end (the gRPC servicer translates protobuf to these calls
+and back). Images are decoded and preprocessed on a thread pool; each model's image tower runs
+behind its own ``DynamicBatcher``; scores come from the collection's ``CollectionIndex``
+(``server.kernels``). Errors are the exceptions of ``server.registry.errors``,
+``server.errors`` and ``ImageDecodeError`` (which names the image's index); each carries the
+gRPC status it stands for.
+
+Probabilities are a softmax over every class of the collection: of ``logit_scale * score``
+for ``prototype`` / ``zero-shot`` / ``hybrid`` (the model's ``scoring.logit_scale``), and the
+normalised neighbour votes themselves for ``knn``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from server.batching import DynamicBatcher
+from server.imaging import ImageDecodeError, Preprocessor
+from server.imaging.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from server.model_repo import ModelFolder, ModelRepository
+from server.prompts import PromptError, class_embedding
+from server.registry import (
+    ClassInfo,
+    Collection,
+    CollectionSpec,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    Registration,
+    Registry,
+    SupportInput,
+    image_hash,
+)
+from server.registry.records import METHODS, Kind, Method
+from server.runtimes.base import Runtime
+from server.runtimes.onnx_rt import OnnxConfig, OnnxRuntime
+
+__all__ = ["ImageResult", "Pipeline", "PipelineOptions", "Prediction", "TextSupport"]
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    max_batch_size: int = 32
+    max_delay_s: float = 0.005
+    max_queue: int = 1024
+    decode_threads: int = 4
+    max_images_per_request: int = 256
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
+    knn_k: int = 10
+    default_top_k: int = 5
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    predictions: tuple[Prediction, ...]
+    entropy: float
+    margin: float
+    unknown: bool
+
+
+@dataclass(frozen=True)
+class TextSupport:
+    """A text support; ``templates`` (a set name or format strings) ensemble its prompts."""
+
+    text: str
+    templates: str | tuple[str, ...] | None = None
+
+
+class _Model:
+    """One loaded model: runtime, preprocessing and the batcher in front of its image tower."""
+
+    def __init__(self, folder: ModelFolder, runtime: Runtime, opts: PipelineOptions) -> None:
+        self.folder = folder
+        self.runtime = runtime
+        self.pre = Preprocessor(folder.manifest.preprocess)
+        self.logit_scale = float(folder.manifest.scoring.logit_scale)
+        self.batcher: DynamicBatcher[FloatArray, FloatArray] = DynamicBatcher(
+            self._encode,
+            max_batch_size=opts.max_batch_size,
+            max_delay_s=opts.max_delay_s,
+            max_queue=opts.max_queue,
+            name=folder.name,
+        )
+
+    def _encode(self, items: list[FloatArray]) -> list[FloatArray]:
+        out = self.runtime.encode_images(np.stack(items))
+        return list(out)
+
+
+def _softmax(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    z = x - np.max(x, axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+
+
+class Pipeline:
+    """What the front ends call. Thread-safe; ``close`` drains the batchers."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        models: ModelRepository,
+        options: PipelineOptions | None = None,
+        *,
+        onnx_config: OnnxConfig | None = None,
+    ) -> None:
+        self.registry = registry
+        self.models = models
+        self.options = options or PipelineOptions()
+        self._onnx_config = onnx_config
+        self._loaded: dict[str, _Model] = {}
+        self._load_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(self.options.decode_threads, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        with self._load_lock:
+            models = list(self._loaded.values())
+        for m in models:
+            m.batcher.close(drain=True)
+        self._pool.shutdown(wait=True)
+
+    # -- models ---------------------------------------------------------------------------------
+    def model(self, name: str) -> _Model:
+        with self._load_lock:
+            m = self._loaded.get(name)
+            if m is None:
+                try:
+                    folder = self.models.get(name)
+                except KeyError as e:
+                    raise NotFound(str(e.args[0])) from e
+                m = _Model(folder, OnnxRuntime(folder, self._onnx_config), self.options)
+                self._loaded[name] = m
+            return m
+
+    # -- collections ----------------------------------------------------------------------------
+    def create_collection(
+        self,
+        name: str,
+        model: str,
+        method: Method | None = None,
+        metric: str | None = None,
+        threshold: float | None = None,
+        hybrid_alpha: float | None = None,
+        hybrid_beta: float | None = None,
+    ) -> Collection:
+        m = self.model(model)
+        chosen = method or "prototype"
+        self._check_method(m, chosen)
+        spec = CollectionSpec(
+            name=name,
+            model=model,
+            method=chosen,
+            metric=metric or m.folder.manifest.scoring.metric,  # type: ignore[arg-type]
+            threshold=threshold,
+            dim=m.folder.manifest.embedding_dim,
+            **{
+                k: v
+                for k, v in (("hybrid_alpha", hybrid_alpha), ("hybrid_beta", hybrid_beta))
+                if v is not None
+            },
+        )
+        return self.registry.create_collection(spec)
+
+    @staticmethod
+    def _check_method(m: _Model, method: str) -> None:
+        if method not in METHODS:
+            raise InvalidInput(f"unknown method {method!r} (have: {', '.join(METHODS)})")
+        if method in ("zero-shot", "hybrid") and not m.runtime.has_text:
+            raise FailedPrecondition(
+                f"method {method!r} needs a text tower; model {m.folder.name!r} has none "
+                "(use 'prototype' or 'knn')"
+            )
+
+    # -- embedding ------------------------------------------------------------------------------
+    def _check_count(self, n: int) -> None:
+        limit = self.options.max_images_per_request
+        if n > limit:
+            raise InvalidInput(f"{n} images in one request; the limit is {limit}")
+
+    def _preprocess(self, m: _Model, data: bytes, index: int) -> FloatArray:
+        try:
+            arr = m.pre.preprocess_bytes(
+                [data], max_pixels=self.options.max_pixels, max_side=self.options.max_side
+            )
+        except ImageDecodeError as e:
+            msg = str(e).removeprefix("image 0: ")
+            raise ImageDecodeError(f"image {index}: {msg}", index=index) from e
+        out: FloatArray = arr[0]
+        return out
+
+    def embed_images(self, model: str | _Model, images: Sequence[bytes]) -> FloatArray:
+        """[N, dim] embeddings: decode on the pool, then through the model's batcher."""
+        m = self.model(model) if isinstance(model, str) else model
+        self._check_count(len(images))
+        if not images:
+            return np.zeros((0, m.folder.manifest.embedding_dim), np.float32)
+        decoded = [self._pool.submit(self._preprocess, m, b, i) for i, b in enumerate(images)]
+        pixels = [f.result() for f in decoded]  # raises the first bad image's error, in order
+        futures: list[Future[FloatArray]] = m.batcher.submit_many(pixels)
+        return np.stack([f.result() for f in futures]).astype(np.float32, copy=False)
+
+    def embed_texts(self, model: str | _Model, texts: Sequence[TextSupport]) -> FloatArray:
+        m = self.model(model) if isinstance(model, str) else model
+        if not m.runtime.has_text:
+            raise FailedPrecondition(f"model {m.folder.name!r} has no text tower")
+        rows = []
+        for t in texts:
+            try:
+                if t.templates is None:
+                    rows.append(m.runtime.encode_texts([t.text])[0])
+                else:
+                    rows.append(class_embedding(m.runtime, t.text, t.templates))
+            except PromptError as e:
+                raise InvalidInput(str(e)) from e
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    # -- classes --------------------------------------------------------------------------------
+    def register(
+        self,
+        collection: str,
+        label: str,
+        images: Sequence[bytes] = (),
+        texts: Sequence[TextSupport] = (),
+        sources: Sequence[str | None] | None = None,
+    ) -> Registration:
+        """Embeds the supports and adds them to class ``label``; returns once durable."""
+        coll = self.registry.collection(collection)
+        if not images and not texts:
+            raise InvalidInput(f"class {label!r}: give at least one image or text support")
+        m = self.model(coll.model)
+        srcs = list(sources) if sources is not None else [None] * len(images)
+        supports: list[SupportInput] = []
+        if images:
+            emb = self.embed_images(m, images)
+            supports += [
+                SupportInput.from_image(e, image_hash(b), s)
+                for e, b, s in zip(emb, images, srcs, strict=True)
+            ]
+        if texts:
+            temb = self.embed_texts(m, texts)
+            supports += [
+                SupportInput.from_text(
+                    e, t.text, None if t.templates is None else _template_list(t.templates)
+                )
+                for e, t in zip(temb, texts, strict=True)
+            ]
+        return self.registry.add_supports(collection, label, supports)
+
+    def get_class(self, collection: str, label: str) -> ClassInfo:
+        self.registry.collection(collection)
+        return self.registry.get_class(collection, label)
+
+    # -- classification -------------------------------------------------------------------------
+    def classify(
+        self,
+        collection: str,
+        images: Sequence[bytes],
+        top_k: int = 0,
+        method: Method | None = None,
+    ) -> list[ImageResult]:
+        coll = self.registry.collection(collection)
+        m = self.model(coll.model)
+        chosen: Method = method or coll.method
+        self._check_method(m, chosen)
+        k = top_k or self.options.default_top_k
+        if k < 1:
+            raise InvalidInput(f"top_k must be positive, got {top_k}")
+        queries = self.embed_images(m, images)
+        if not len(queries):
+            return []
+        labels, probs, scores = self._score(coll, m, chosen, queries)
+        return [self._result(coll, labels, probs[i], scores[i], k) for i in range(len(queries))]
+
+    def _score(
+        self, coll: Collection, m: _Model, method: Method, q: FloatArray
+    ) -> tuple[tuple[str, ...], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        index = self.registry.index(coll.name)
+        if method == "knn":
+            cs = index.knn(q, self.options.knn_k)
+            votes = cs.scores.astype(np.float64)
+            return cs.labels, votes, votes
+        kind: Kind = "image" if method == "prototype" else "text"
+        cs = index.class_scores(q, kind)
+        scores = cs.scores.astype(np.float64)
+        if not cs.labels:
+            raise FailedPrecondition(
+                f"collection {coll.name!r} has no {kind} classes to score with {method!r}"
+            )
+        logits = m.logit_scale * scores
+        if method == "hybrid":
+            logits = logits + self._cache_logits(coll, index, q, cs.class_ids)
+        return cs.labels, _softmax(logits), scores
+
+    @staticmethod
+    def _cache_logits(
+        coll: Collection, index: Any, q: FloatArray, class_ids: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float64]:
+        """Tip-Adapter's cache term: alpha * exp(-beta * (1 - f K^T)) V over image supports."""
+        out = np.zeros((q.shape[0], len(class_ids)), np.float64)
+        n = index.num_supports()
+        if n == 0:
+            return out
+        nb = index.nearest_supports(q, n)
+        col = {int(c): j for j, c in enumerate(class_ids)}
+        for i in range(q.shape[0]):
+            for s, c in zip(nb.scores[i], nb.class_ids[i], strict=True):
+                j = col.get(int(c))
+                if j is not None and math.isfinite(float(s)):
+                    out[i, j] += math.exp(-coll.hybrid_beta * (1.0 - float(s)))
+        return coll.hybrid_alpha * out
+
+    @staticmethod
+    def _result(
+        coll: Collection,
+        labels: tuple[str, ...],
+        probs: npt.NDArray[np.float64],
+        scores: npt.NDArray[np.float64],
+        k: int,
+    ) -> ImageResult:
+        order = np.argsort(-probs, kind="stable")
+        top = order[:k]
+        preds = tuple(Prediction(labels[j], float(scores[j]), float(probs[j])) for j in top)
+        p = probs[probs > 0]
+        entropy = float(-(p * np.log(p)).sum())
+        p1 = float(probs[order[0]])
+        p2 = float(probs[order[1]]) if len(order) > 1 else 0.0
+        unknown = coll.threshold is not None and p1 < coll.threshold
+        return ImageResult(preds, entropy, p1 - p2, unknown)
+
+
+def _template_list(templates: str | tuple[str, ...]) -> tuple[str, ...]:
+    from server.prompts import resolve_templates
+
+    return resolve_templates(templates)

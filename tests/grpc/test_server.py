@@ -1,0 +1,192 @@
+"""A real server on loopback (port 0, in-process) through a real channel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.config import ServerConfig
+from server.grpc.app import SERVICE_NAME, ProtoserveServer, build_server
+from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
+from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "omniglot-protonet"
+RUN = ROOT.parent / "shared" / "data" / "omniglot" / "sample_run" / "run01"
+
+pytestmark = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run at {RUN}")
+
+
+class Running:
+    def __init__(self, data_dir: Path) -> None:
+        cfg = ServerConfig(port=0, data_dir=data_dir, model_repo=ROOT / "models", workers=4)
+        self.server: ProtoserveServer
+        self.server, self.port = build_server(cfg)
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.ProtoserveStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=5)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    r = Running(tmp_path / "data")
+    yield r
+    r.close()
+
+
+def truth() -> dict[str, str]:
+    """test file name -> label (the training file's stem)."""
+    out = {}
+    for line in (RUN / "class_labels.txt").read_text().splitlines():
+        if line.strip():
+            test, train = line.split()
+            out[Path(test).name] = Path(train).stem
+    return out
+
+
+def create(stub: pb_grpc.ProtoserveStub, name: str = "run01") -> pb.Collection:
+    return stub.CreateCollection(
+        pb.CreateCollectionRequest(collection=pb.Collection(name=name, model=MODEL))
+    )
+
+
+def register_run(stub: pb_grpc.ProtoserveStub, name: str = "run01") -> None:
+    for f in sorted((RUN / "training").glob("*.png")):
+        resp = stub.RegisterClass(
+            pb.RegisterClassRequest(
+                collection=name,
+                label=f.stem,
+                supports=[pb.Support(image=f.read_bytes(), source=str(f))],
+            )
+        )
+        assert resp.class_info.label == f.stem
+        assert resp.class_info.image_supports == 1
+        assert len(resp.added_support_ids) == 1
+
+
+def classify_run(stub: pb_grpc.ProtoserveStub, name: str = "run01", **opts: int) -> float:
+    tests = sorted((RUN / "test").glob("*.png"))
+    resp = stub.Classify(
+        pb.ClassifyRequest(
+            collection=name,
+            images=[t.read_bytes() for t in tests],
+            options=pb.ClassifyOptions(top_k=3, **opts),
+        )
+    )
+    labels = {f.stem for f in (RUN / "training").glob("*.png")}
+    assert len(resp.results) == len(tests)
+    wanted = truth()
+    wrong = 0
+    for t, r in zip(tests, resp.results, strict=True):
+        assert len(r.predictions) == 3
+        assert {p.label for p in r.predictions} <= labels
+        probs = [p.probability for p in r.predictions]
+        assert probs == sorted(probs, reverse=True)
+        assert 0 <= sum(probs) <= 1 + 1e-5
+        assert r.entropy >= 0
+        assert r.margin == pytest.approx(probs[0] - probs[1], abs=1e-6)
+        assert not r.unknown
+        wrong += r.predictions[0].label != wanted[t.name]
+    return 100.0 * wrong / len(tests)
+
+
+def test_register_and_classify_run01_matches_eval_runs(running: Running) -> None:
+    stub = running.stub
+    coll = create(stub)
+    assert coll.metric == pb.METRIC_L2 and coll.method == pb.METHOD_PROTOTYPE
+    register_run(stub)
+    got = stub.GetCollection(pb.GetCollectionRequest(name="run01"))
+    assert (got.class_count, got.support_count) == (20, 20)
+    assert classify_run(stub) == 25.0  # `protoserve train eval-runs` on run01
+    assert classify_run(stub, method=pb.METHOD_KNN) == 25.0  # one support per class
+    classes = stub.ListClasses(pb.ListClassesRequest(collection="run01")).classes
+    assert [c.label for c in classes] == [f"class{i:02d}" for i in range(1, 21)]
+
+
+def test_errors_map_to_status_codes_and_server_keeps_serving(running: Running) -> None:
+    stub = running.stub
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetCollection(pb.GetCollectionRequest(name="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Classify(pb.ClassifyRequest(collection="nope", images=[b"x"]))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+    create(stub)
+    with pytest.raises(grpc.RpcError) as e:
+        create(stub)
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    good = sorted((RUN / "training").glob("*.png"))[0].read_bytes()
+    stub.RegisterClass(
+        pb.RegisterClassRequest(collection="run01", label="a", supports=[pb.Support(image=good)])
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Classify(pb.ClassifyRequest(collection="run01", images=[good, b"not an image"]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image 1" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.RegisterClass(
+            pb.RegisterClassRequest(
+                collection="run01", label="b", supports=[pb.Support(image=b"\x89PNG junk")]
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image 0" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # no text tower
+        stub.Classify(
+            pb.ClassifyRequest(
+                collection="run01",
+                images=[good],
+                options=pb.ClassifyOptions(method=pb.METHOD_ZERO_SHOT),
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "text tower" in e.value.details()
+
+    # still serving, and the failed registration left nothing behind
+    resp = stub.Classify(pb.ClassifyRequest(collection="run01", images=[good]))
+    assert resp.results[0].predictions[0].label == "a"
+    labels = [c.label for c in stub.ListClasses(pb.ListClassesRequest(collection="run01")).classes]
+    assert labels == ["a"]
+
+    health = health_pb2_grpc.HealthStub(running.channel)
+    for service in ("", SERVICE_NAME):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_stream_and_delete(running: Running) -> None:
+    stub = running.stub
+    create(stub)
+    register_run(stub)
+    tests = sorted((RUN / "test").glob("*.png"))[:4]
+    items = [pb.ClassifyItem(collection="run01", image=t.read_bytes(), id=t.name) for t in tests]
+    results = list(stub.ClassifyStream(iter(items)))
+    assert [r.id for r in results] == [t.name for t in tests]
+    stub.DeleteCollection(pb.DeleteCollectionRequest(name="run01"))
+    assert not stub.ListCollections(pb.ListCollectionsRequest()).collections
+
+
+def test_state_survives_a_restart(tmp_path: Path) -> None:
+    first = Running(tmp_path / "data")
+    try:
+        create(first.stub)
+        register_run(first.stub)
+        before = classify_run(first.stub)
+    finally:
+        first.close()
+    second = Running(tmp_path / "data")
+    try:
+        got = second.stub.GetCollection(pb.GetCollectionRequest(name="run01"))
+        assert (got.class_count, got.support_count) == (20, 20)
+        assert classify_run(second.stub) == before == 25.0
+    finally:
+        second.close()
