@@ -36,9 +36,13 @@ $(STAMP): $(VENV)/bin/python pyproject.toml $(SOURCES)
 	@touch $@
 
 serve: setup
-	@echo "protoserve: gRPC on 127.0.0.1:50051, models from ./models (default: omniglot-protonet), state in ./data"
-	@echo "API: proto/protoserve/v1/protoserve.proto (server reflection is on); Ctrl-C stops gracefully."
-	$(VENV)/bin/protoserve serve --host 127.0.0.1 --port 50051 --data-dir data --model-repo models
+	@echo "protoserve: gRPC on 127.0.0.1:50051, Prometheus metrics on :9090, models from ./models, state in ./data"
+	@echo "Try, in another shell (docs/api.md):"
+	@echo "  .venv/bin/protoserve collections create demo --model omniglot-protonet"
+	@echo "  .venv/bin/protoserve register --collection demo --class alpha examples/greek-char01-support.png"
+	@echo "  .venv/bin/protoserve register --collection demo --class beta examples/greek-char02-support.png"
+	@echo "  .venv/bin/protoserve classify --collection demo examples/greek-char01-query.png --json"
+	$(VENV)/bin/protoserve serve --host 127.0.0.1 --port 50051 --data-dir data --model-repo models --metrics-port 9090
 
 lint: setup
 	$(VENV)/bin/ruff check server training tests bench

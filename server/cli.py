@@ -65,14 +65,12 @@ def _train(argv: Sequence[str]) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from server.config import ConfigError, ServerConfig
+    from server.config import ConfigError, config_from_args
     from server.grpc.app import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        cfg = ServerConfig(
-            host=args.host, port=args.port, data_dir=args.data_dir, model_repo=args.model_repo
-        )
+        cfg = config_from_args(args)  # flags > PROTOSERVE_* env > --config file > defaults
     except ConfigError as e:
         print(f"protoserve serve: {e}", file=sys.stderr)
         return 2
@@ -99,11 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     oc.set_defaults(func=_export)
 
+    from server.config import add_serve_arguments
+
     srv = sub.add_parser("serve", help="run the gRPC server")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=50051)
-    srv.add_argument("--data-dir", default="data", help="SQLite state (created if missing)")
-    srv.add_argument("--model-repo", default="models", help="folder of model folders")
+    add_serve_arguments(srv)
     srv.set_defaults(func=_serve)
 
     train = sub.add_parser(
@@ -111,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(func=lambda a: _train(a.args))
+
+    from server.cli_client import add_client_commands  # collections, register, classify
+
+    add_client_commands(sub)
     return parser
 
 

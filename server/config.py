@@ -1,11 +1,27 @@
-"""The server's configuration: one validated dataclass (``ServerConfig.validate`` at start-up)."""
+"""The server's configuration: one validated dataclass (``ServerConfig.validate`` at start-up).
+
+``ServerConfig.load(path, env, overrides)`` merges, lowest first: the defaults below, a TOML or
+JSON file (top-level keys, or a ``[server]`` table, named as the fields), ``PROTOSERVE_<FIELD>``
+environment variables (``PROTOSERVE_PORT=50052``; ``PROTOSERVE_CONFIG`` names the file when no
+path is given), then ``overrides`` (the command-line flags; ``None`` means "not given").
+Anything unknown or malformed is a ``ConfigError`` naming the setting and where it came from.
+``add_serve_arguments`` / ``config_from_args`` give a CLI the matching flags.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ConfigError", "ServerConfig"]
+__all__ = ["ENV_PREFIX", "ConfigError", "ServerConfig", "add_serve_arguments", "config_from_args"]
+
+ENV_PREFIX = "PROTOSERVE_"
 
 
 class ConfigError(ValueError):
@@ -18,14 +34,16 @@ class ServerConfig:
     port: int = 50051  # 0: any free port (tests)
     data_dir: Path = Path("data")
     model_repo: Path = Path("models")
+    metrics_port: int = 0  # Prometheus /metrics on this HTTP port; 0: off
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
-    max_queue: int = 1024
+    max_queue: int = 1024  # images waiting per model's batcher; beyond: RESOURCE_EXHAUSTED
     workers: int = 16  # gRPC handler threads
     decode_threads: int = 4
     max_message_bytes: int = 64 * 1024 * 1024
     max_images_per_request: int = 256
-    max_pixels: int = 40_000_000
+    max_pixels: int = 40_000_000  # per image, checked before decoding
+    max_classes_per_collection: int = 10_000
     grace_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -34,25 +52,121 @@ class ServerConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not self.host:
+        if not isinstance(self.host, str) or not self.host:
             raise ConfigError("host must not be empty")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        positive = {
-            "max_batch_size": self.max_batch_size,
-            "max_queue": self.max_queue,
-            "workers": self.workers,
-            "decode_threads": self.decode_threads,
-            "max_message_bytes": self.max_message_bytes,
-            "max_images_per_request": self.max_images_per_request,
-            "max_pixels": self.max_pixels,
-        }
-        for name, value in positive.items():
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ConfigError(f"{name} must be in 0..65535, got {value!r}")
+        positive = (
+            "max_batch_size",
+            "max_queue",
+            "workers",
+            "decode_threads",
+            "max_message_bytes",
+            "max_images_per_request",
+            "max_pixels",
+            "max_classes_per_collection",
+        )
+        for name in positive:
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_delay_ms < 0:
-            raise ConfigError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
-        if self.grace_s < 0:
-            raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
+        for name in ("max_delay_ms", "grace_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if not self.model_repo.is_dir():
             raise ConfigError(f"model_repo {self.model_repo} is not a directory")
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> ServerConfig:
+        """Defaults < file < ``env`` (``PROTOSERVE_*``) < ``overrides``; validated."""
+        env = {} if env is None else env
+        values: dict[str, Any] = {}
+        if path is None and env.get(ENV_PREFIX + "CONFIG"):
+            path = env[ENV_PREFIX + "CONFIG"]
+        if path is not None:
+            values.update(_read_file(Path(path)))
+        for name, kind in _FIELDS.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = _parse(raw, kind, f"environment variable {ENV_PREFIX}{name.upper()}")
+        for name, value in (overrides or {}).items():
+            if name not in _FIELDS:
+                raise ConfigError(f"unknown setting {name!r}")
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+
+_FIELDS: dict[str, str] = {f.name: str(f.type) for f in fields(ServerConfig)}
+
+
+def _parse(raw: str, kind: str, where: str) -> Any:
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: expected {'an integer' if kind == 'int' else 'a number'}, got {raw!r}"
+        ) from None
+    return raw
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror or e}") from e
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: use a .toml or .json file")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path}: {e}") from e
+    if isinstance(data, dict) and isinstance(data.get("server"), dict):
+        data = data["server"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a table of settings")
+    for key, value in data.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        if _FIELDS[key] == "Path" and not isinstance(value, str):
+            raise ConfigError(f"config file {path}: {key} must be a string path, got {value!r}")
+    return dict(data)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and one ``--flag-name`` per setting (default ``None``: not given)."""
+    parser.add_argument("--config", type=Path, default=None, help="a .toml or .json config file")
+    types = {"int": int, "float": float, "Path": Path, "str": str}
+    for name, kind in _FIELDS.items():
+        default = getattr(ServerConfig, name)
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=types[kind],
+            default=None,
+            help=f"(env {ENV_PREFIX}{name.upper()}; default {default})",
+        )
+
+
+def config_from_args(
+    args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """The config for parsed ``add_serve_arguments`` flags over ``env`` (default: os.environ)."""
+    overrides = {name: getattr(args, name, None) for name in _FIELDS}
+    return ServerConfig.load(
+        getattr(args, "config", None), os.environ if env is None else env, overrides
+    )

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.batching import DynamicBatcher
+from server.batching import BatcherStats, DynamicBatcher
+from server.errors import ServingError
 from server.imaging import ImageDecodeError, Preprocessor
 from server.imaging.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from server.model_repo import ModelFolder, ModelRepository
@@ -45,9 +46,23 @@ from server.registry.records import METHODS, Kind, Method
 from server.runtimes.base import Runtime
 from server.runtimes.onnx_rt import OnnxConfig, OnnxRuntime
 
-__all__ = ["ImageResult", "Pipeline", "PipelineOptions", "Prediction", "TextSupport"]
+__all__ = [
+    "Embeddings",
+    "ImageResult",
+    "LimitExceeded",
+    "Pipeline",
+    "PipelineOptions",
+    "Prediction",
+    "TextSupport",
+]
 
 FloatArray = npt.NDArray[np.float32]
+
+
+class LimitExceeded(ServingError):
+    """A configured limit (classes per collection) would be exceeded; the message names it."""
+
+    code = "RESOURCE_EXHAUSTED"
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class PipelineOptions:
     max_images_per_request: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE
+    max_classes_per_collection: int = 10_000
     knn_k: int = 10
     default_top_k: int = 5
 
@@ -76,6 +92,15 @@ class ImageResult:
     entropy: float
     margin: float
     unknown: bool
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """``Pipeline.embed``'s answer: [N, dim] image and [M, dim] text embeddings."""
+
+    images: FloatArray
+    texts: FloatArray
+    dim: int
 
 
 @dataclass(frozen=True)
@@ -131,6 +156,7 @@ class Pipeline:
         self._loaded: dict[str, _Model] = {}
         self._load_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.options.decode_threads, thread_name_prefix="decode")
+        self._class_lock = threading.Lock()  # the classes-per-collection check and the add
 
     def close(self) -> None:
         with self._load_lock:
@@ -151,6 +177,12 @@ class Pipeline:
                 m = _Model(folder, OnnxRuntime(folder, self._onnx_config), self.options)
                 self._loaded[name] = m
             return m
+
+    def batcher_stats(self) -> list[BatcherStats]:
+        """One snapshot per loaded model's batcher (for metrics)."""
+        with self._load_lock:
+            models = list(self._loaded.values())
+        return [m.batcher.stats() for m in models]
 
     # -- collections ----------------------------------------------------------------------------
     def create_collection(
@@ -192,10 +224,47 @@ class Pipeline:
             )
 
     # -- embedding ------------------------------------------------------------------------------
-    def _check_count(self, n: int) -> None:
+    def _check_count(self, n: int, what: str = "images") -> None:
         limit = self.options.max_images_per_request
         if n > limit:
-            raise InvalidInput(f"{n} images in one request; the limit is {limit}")
+            raise InvalidInput(
+                f"{n} {what} in one request; the limit is {limit} (max_images_per_request)"
+            )
+
+    def embed(
+        self,
+        images: Sequence[bytes] = (),
+        texts: Sequence[str] = (),
+        *,
+        collection: str = "",
+        model: str = "",
+        normalize: bool = False,
+    ) -> Embeddings:
+        """Image and text embeddings from ``collection``'s model, or from ``model``."""
+        if collection and model:
+            raise InvalidInput("give a collection or a model, not both")
+        if collection:
+            model = self.registry.collection(collection).model
+        if not model:
+            raise InvalidInput("give a collection or a model to embed with")
+        m = self.model(model)
+        dim = int(m.folder.manifest.embedding_dim)
+        if not images and not texts:
+            raise InvalidInput("nothing to embed: give images and/or texts")
+        self._check_count(len(texts), "texts")
+        if texts and not m.runtime.has_text:
+            raise FailedPrecondition(
+                f"model {m.folder.name!r} has no text tower; it cannot embed texts"
+            )
+        img = self.embed_images(m, images)
+        txt = (
+            self.embed_texts(m, [TextSupport(t) for t in texts])
+            if texts
+            else np.zeros((0, dim), np.float32)
+        )
+        if normalize:
+            img, txt = _unit(img), _unit(txt)
+        return Embeddings(img, txt, dim)
 
     def _preprocess(self, m: _Model, data: bytes, index: int) -> FloatArray:
         try:
@@ -248,6 +317,7 @@ class Pipeline:
         if not images and not texts:
             raise InvalidInput(f"class {label!r}: give at least one image or text support")
         m = self.model(coll.model)
+        self._check_class_limit(collection, label)  # fail fast, before embedding
         srcs = list(sources) if sources is not None else [None] * len(images)
         supports: list[SupportInput] = []
         if images:
@@ -264,7 +334,19 @@ class Pipeline:
                 )
                 for e, t in zip(temb, texts, strict=True)
             ]
-        return self.registry.add_supports(collection, label, supports)
+        with self._class_lock:
+            self._check_class_limit(collection, label)
+            return self.registry.add_supports(collection, label, supports)
+
+    def _check_class_limit(self, collection: str, label: str) -> None:
+        limit = self.options.max_classes_per_collection
+        index = self.registry.index(collection)
+        if index.num_classes() < limit or label in index.labels().values():
+            return
+        raise LimitExceeded(
+            f"collection {collection!r} has {index.num_classes()} classes; the limit is "
+            f"{limit} (max_classes_per_collection), so class {label!r} cannot be added"
+        )
 
     def get_class(self, collection: str, label: str) -> ClassInfo:
         self.registry.collection(collection)
@@ -346,6 +428,12 @@ class Pipeline:
         p2 = float(probs[order[1]]) if len(order) > 1 else 0.0
         unknown = coll.threshold is not None and p1 < coll.threshold
         return ImageResult(preds, entropy, p1 - p2, unknown)
+
+
+def _unit(x: FloatArray) -> FloatArray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    out: FloatArray = (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return out
 
 
 def _template_list(templates: str | tuple[str, ...]) -> tuple[str, ...]:

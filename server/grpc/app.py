@@ -8,9 +8,12 @@ registry.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
@@ -18,11 +21,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.config import ServerConfig
+from server.config import ConfigError, ServerConfig, add_serve_arguments, config_from_args
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
 from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
 from server.grpc.interceptors import ErrorInterceptor
 from server.grpc.service import ProtoserveServicer
+from server.metrics import Metrics
 from server.model_repo import ModelRepository
 from server.pipeline import Pipeline, PipelineOptions
 from server.registry import Registry
@@ -37,15 +41,25 @@ class ProtoserveServer:
     """A started-or-not gRPC server with the pipeline and registry it owns."""
 
     def __init__(
-        self, server: grpc.Server, pipeline: Pipeline, health_servicer: health.HealthServicer
+        self,
+        server: grpc.Server,
+        pipeline: Pipeline,
+        health_servicer: health.HealthServicer,
+        metrics: Metrics | None = None,
+        metrics_address: tuple[str, int] | None = None,
     ) -> None:
         self.grpc_server = server
         self.pipeline = pipeline
         self.health = health_servicer
+        self.metrics = metrics
+        self._metrics_address = metrics_address
+        self.metrics_port: int | None = None  # the HTTP port bound, once started
         self._stopped = False
         self._stop_lock = threading.Lock()
 
     def start(self) -> None:
+        if self.metrics is not None and self._metrics_address is not None:
+            self.metrics_port = self.metrics.start_http(*self._metrics_address)
         self.grpc_server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -60,6 +74,8 @@ class ProtoserveServer:
         self.grpc_server.stop(grace).wait()
         self.pipeline.close()
         self.pipeline.registry.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return bool(self.grpc_server.wait_for_termination(timeout))
@@ -80,15 +96,17 @@ def build_server(cfg: ServerConfig) -> tuple[ProtoserveServer, int]:
                 decode_threads=cfg.decode_threads,
                 max_images_per_request=cfg.max_images_per_request,
                 max_pixels=cfg.max_pixels,
+                max_classes_per_collection=cfg.max_classes_per_collection,
             ),
         )
+        metrics = Metrics(pipeline)
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
         ]
         server = grpc.server(
             ThreadPoolExecutor(cfg.workers, thread_name_prefix="grpc"),
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(metrics)],
             options=options,
         )
         pb_grpc.add_ProtoserveServicer_to_server(  # type: ignore[no-untyped-call]
@@ -107,7 +125,8 @@ def build_server(cfg: ServerConfig) -> tuple[ProtoserveServer, int]:
     except BaseException:
         registry.close()
         raise
-    return ProtoserveServer(server, pipeline, health_servicer), port
+    address = (cfg.host, cfg.metrics_port) if cfg.metrics_port else None
+    return ProtoserveServer(server, pipeline, health_servicer, metrics, address), port
 
 
 def serve(cfg: ServerConfig) -> int:
@@ -115,14 +134,37 @@ def serve(cfg: ServerConfig) -> int:
     server, port = build_server(cfg)
     server.start()
     log.info("protoserve listening on %s:%d (data %s)", cfg.host, port, cfg.data_dir)
+    if server.metrics_port is not None:
+        print(f"metrics on http://{cfg.host}:{server.metrics_port}/metrics", flush=True)
     print(f"protoserve listening on {cfg.host}:{port}", flush=True)
-    done = threading.Event()
+    # A plain flag: Event.set() inside a signal handler can deadlock against the main thread's
+    # own Event.wait() (both take the event's non-reentrant lock).
+    stopping: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        done.set()
+        stopping.append(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    done.wait()
+    while not stopping:
+        time.sleep(0.1)
+    log.info("signal %d: stopping (grace %.1f s)", stopping[0], cfg.grace_s)
     server.stop(cfg.grace_s)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m server.grpc.app [--config FILE] [--port N] ...``: ``serve`` from flags."""
+    parser = argparse.ArgumentParser(prog="python -m server.grpc.app", description=serve.__doc__)
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return serve(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

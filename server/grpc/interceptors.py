@@ -8,12 +8,14 @@ image's index); anything else is INTERNAL with the traceback logged.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from server.imaging import ImageDecodeError
+from server.metrics import Metrics
 
 __all__ = ["ErrorInterceptor", "status_for"]
 
@@ -29,8 +31,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
-def _abort(method: str, context: grpc.ServicerContext, exc: Exception) -> None:
+def _abort(
+    method: str, context: grpc.ServicerContext, exc: Exception, done: Callable[[str], None]
+) -> None:
     status, message = status_for(exc)
+    done(status.name)
     if status is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method)
     else:
@@ -39,6 +44,11 @@ def _abort(method: str, context: grpc.ServicerContext, exc: Exception) -> None:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Maps exceptions to statuses; with ``metrics``, records each RPC's status and latency."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -48,13 +58,27 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method: str = handler_call_details.method
+        metrics = self.metrics
+
+        def recorder() -> Callable[[str], None]:
+            start = time.perf_counter()
+
+            def done(code: str) -> None:
+                if metrics is not None:
+                    metrics.observe(method, code, time.perf_counter() - start)
+
+            return done
 
         def unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
+                done = recorder()
                 try:
-                    return fn(request, context)
+                    out = fn(request, context)
                 except Exception as e:
-                    _abort(method, context, e)
+                    _abort(method, context, e, done)
+                    raise  # not reached: abort raises
+                done("OK")
+                return out
 
             return call
 
@@ -62,10 +86,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
         ) -> Callable[..., Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                done = recorder()
                 try:
                     yield from fn(request, context)
                 except Exception as e:
-                    _abort(method, context, e)
+                    _abort(method, context, e, done)
+                    raise  # not reached: abort raises
+                done("OK")
 
             return call
 

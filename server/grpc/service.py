@@ -167,3 +167,18 @@ class ProtoserveServicer(pb_grpc.ProtoserveServicer):
                 method=_method(item.options.method),
             )
             yield _image_result(r, item.id)
+
+    # -- embedding ------------------------------------------------------------------------------
+    def Embed(self, request: Any, context: grpc.ServicerContext) -> Any:
+        out = self.pipeline.embed(
+            list(request.images),
+            list(request.texts),
+            collection=request.collection,
+            model=request.model,
+            normalize=request.normalize,
+        )
+        return pb.EmbedResponse(
+            image_embeddings=[pb.Embedding(values=row.tolist()) for row in out.images],
+            text_embeddings=[pb.Embedding(values=row.tolist()) for row in out.texts],
+            dim=out.dim,
+        )

@@ -1,0 +1,69 @@
+"""Shared helpers for the gRPC tests: an in-process server with any ``ServerConfig`` fields."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from server.config import ServerConfig
+from server.grpc.app import ProtoserveServer, build_server
+from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
+from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "omniglot-protonet"
+RUN = ROOT.parent / "shared" / "data" / "omniglot" / "sample_run" / "run01"
+
+needs_run = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run at {RUN}")
+
+
+class Running:
+    def __init__(self, data_dir: Path, **cfg: Any) -> None:
+        cfg.setdefault("workers", 4)
+        self.cfg = ServerConfig(port=0, data_dir=data_dir, model_repo=ROOT / "models", **cfg)
+        self.server: ProtoserveServer
+        self.server, self.port = build_server(self.cfg)
+        self.server.start()
+        opts = [("grpc.max_send_message_length", 256 * 1024 * 1024)]
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=opts)
+        self.stub = pb_grpc.ProtoserveStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def training_images() -> list[Path]:
+    return sorted((RUN / "training").glob("*.png"))
+
+
+def create(stub: pb_grpc.ProtoserveStub, name: str = "run01") -> pb.Collection:
+    return stub.CreateCollection(
+        pb.CreateCollectionRequest(collection=pb.Collection(name=name, model=MODEL))
+    )
+
+
+def register(stub: pb_grpc.ProtoserveStub, name: str, label: str, *images: bytes) -> Any:
+    return stub.RegisterClass(
+        pb.RegisterClassRequest(
+            collection=name, label=label, supports=[pb.Support(image=i) for i in images]
+        )
+    )
+
+
+def still_serving(stub: pb_grpc.ProtoserveStub, name: str = "run01") -> None:
+    """The server answers a good Classify after whatever went wrong before."""
+    img = training_images()[0].read_bytes()
+    resp = stub.Classify(pb.ClassifyRequest(collection=name, images=[img]))
+    assert len(resp.results) == 1 and resp.results[0].predictions
