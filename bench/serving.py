@@ -1,0 +1,396 @@
+"""Classify serving benchmark on loopback: throughput, latency, and registration visibility.
+
+    python bench/serving.py [--concurrency 1 8 32 64] [--seconds 10] [--batching on off]
+                            [--images 1] [--server-process | --no-server-process]
+
+For each batching mode a fresh server (``python -m server.grpc.app`` as a subprocess by
+default, so the load generator does not share its GIL; ``--no-server-process``: in-process
+``build_server``) gets collection ``run01`` with the 20 run01 training images of the bundled
+``omniglot-protonet`` model, one class each. Batching ``off`` is ``--max-batch-size 1``.
+An asyncio gRPC client then keeps ``concurrency`` Classify requests (``--images`` run01 test
+images each, pre-serialized once) in flight for ``--seconds`` after a short warm-up.
+
+The ceiling is the same decode + embed + score work in this process with no gRPC and no
+batcher (``Preprocessor.preprocess_bytes`` -> ``runtime.encode_images`` -> prototype scores and
+top-k) at the best of several batch sizes, measured before any server starts; "% of ceiling"
+is served images/s over ceiling images/s.
+
+Registration visibility: ~20 trials, each registering a new class (5 drawings of an Omniglot
+background character not in run01) and then polling Classify with a 6th drawing of it until
+the new label appears in the answer. Embedding time is excluded on both sides: the supports'
+embedding happens before the RegisterClass acknowledgement (the clock starts at the ack), and
+the query image's own decode + embed + RPC time is subtracted as that trial's baseline (the
+fastest of 3 Classify calls with the same image just before registering). The report gives
+the median of (first answer naming the new class - ack - baseline), and the median of the raw
+ack-to-answer time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from server.client import ProtoserveClient  # noqa: E402
+from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb  # noqa: E402
+
+MODEL = "omniglot-protonet"
+COLLECTION = "run01"
+OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+RUN = OMNIGLOT / "sample_run" / "run01"
+BACKGROUND_ZIP = OMNIGLOT / "images_background_small1.zip"
+CLASSIFY = "/protoserve.v1.Protoserve/Classify"
+WARMUP_S = 0.5
+CEILING_BATCHES = (1, 8, 32, 64, 128)
+GOAL_CEILING = 0.85
+GOAL_VISIBLE_MS = 50.0
+
+
+@dataclass
+class Point:
+    mode: str
+    concurrency: int
+    requests: int
+    images: int
+    seconds: float
+    latencies_s: list[float]
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def ips(self) -> float:
+        return self.images / self.seconds
+
+    def pct(self, q: float) -> float:
+        return (
+            float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s else float("nan")
+        )
+
+
+# -- data ---------------------------------------------------------------------------------------
+def training_images() -> list[tuple[str, bytes]]:
+    return [(f.stem, f.read_bytes()) for f in sorted((RUN / "training").glob("*.png"))]
+
+
+def test_images() -> list[bytes]:
+    return [f.read_bytes() for f in sorted((RUN / "test").glob("*.png"))]
+
+
+def new_characters(n: int) -> list[tuple[str, list[bytes]]]:
+    """``n`` (label, 6 drawings) from the Omniglot background set (not in run01)."""
+    out: list[tuple[str, list[bytes]]] = []
+    with zipfile.ZipFile(BACKGROUND_ZIP) as z:
+        by_char: dict[str, list[str]] = {}
+        for name in sorted(z.namelist()):
+            if name.endswith(".png"):
+                by_char.setdefault(name.rsplit("/", 1)[0], []).append(name)
+        for char, files in by_char.items():
+            if len(files) >= 6:
+                label = "new-" + re.sub(r"[^A-Za-z0-9_.-]", "_", char.split("/", 1)[1])
+                out.append((label, [z.read(f) for f in files[:6]]))
+            if len(out) == n:
+                break
+    return out
+
+
+# -- ceiling ------------------------------------------------------------------------------------
+def measure_ceiling(images: list[bytes], seconds: float) -> tuple[int, float, dict[int, float]]:
+    """(best batch size, its images/s, images/s per batch size): decode + embed + score."""
+    from server.model_repo import ModelRepository
+    from server.pipeline import Pipeline, PipelineOptions
+    from server.registry import Registry
+
+    tmp = Path(tempfile.mkdtemp(prefix="protoserve-ceiling-"))
+    registry = Registry.open(tmp / "data")
+    pipeline = Pipeline(registry, ModelRepository(ROOT / "models"), PipelineOptions())
+    try:
+        pipeline.create_collection(COLLECTION, MODEL)
+        for label, data in training_images():
+            pipeline.register(COLLECTION, label, [data])
+        coll = registry.collection(COLLECTION)
+        m = pipeline.model(MODEL)
+        k = pipeline.options.default_top_k
+
+        def once(batch: list[bytes]) -> None:
+            pixels = m.pre.preprocess_bytes(batch)
+            q = m.runtime.encode_images(pixels)
+            labels, probs, scores = pipeline._score(coll, m, "prototype", q)
+            for i in range(len(batch)):
+                pipeline._result(coll, labels, probs[i], scores[i], k)
+
+        per_batch: dict[int, float] = {}
+        budget = seconds / len(CEILING_BATCHES)
+        for b in CEILING_BATCHES:
+            batch = [images[i % len(images)] for i in range(b)]
+            once(batch)
+            n, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < budget:
+                once(batch)
+                n += b
+            per_batch[b] = n / elapsed
+        best = max(per_batch, key=lambda b: per_batch[b])
+        return best, per_batch[best], per_batch
+    finally:
+        pipeline.close()
+        registry.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- server -------------------------------------------------------------------------------------
+def server_flags(batching: bool, args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
+    return {
+        "host": "127.0.0.1",
+        "port": 0,
+        "data_dir": data_dir,
+        "model_repo": ROOT / "models",
+        "max_batch_size": args.max_batch_size if batching else 1,
+        "max_delay_ms": args.max_delay_ms,
+        "workers": args.workers,
+        "grace_s": 2.0,
+    }
+
+
+@contextmanager
+def running_server(batching: bool, args: argparse.Namespace) -> Iterator[str]:
+    """A started server with an empty data dir; yields its address; stops it on exit."""
+    tmp = Path(tempfile.mkdtemp(prefix="protoserve-bench-"))
+    flags = server_flags(batching, args, tmp / "data")
+    try:
+        if args.server_process:
+            yield from _subprocess_server(flags, tmp)
+        else:
+            from server.config import ServerConfig
+            from server.grpc.app import build_server
+
+            server, port = build_server(ServerConfig(**flags))  # type: ignore[arg-type]
+            server.start()
+            try:
+                yield f"127.0.0.1:{port}"
+            finally:
+                server.stop(grace=2.0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _subprocess_server(flags: dict[str, object], tmp: Path) -> Iterator[str]:
+    cmd = [sys.executable, "-m", "server.grpc.app"]
+    for name, value in flags.items():
+        cmd += ["--" + name.replace("_", "-"), str(value)]
+    out_path, err_path = tmp / "server.out", tmp / "server.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 60
+        port = None
+        while port is None:
+            match = re.search(r"listening on [\d.]+:(\d+)", out_path.read_text())
+            if match:
+                port = int(match.group(1))
+            elif proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{err_path.read_text()[-2000:]}")
+            else:
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.returncode not in (0, -signal.SIGTERM):
+            print(f"warning: server exited {proc.returncode}", file=sys.stderr)
+
+
+def setup_collection(target: str) -> None:
+    with ProtoserveClient(target) as c:
+        c.create_collection(COLLECTION, model=MODEL)
+        for label, data in training_images():
+            c.register(COLLECTION, label, images=[data])
+
+
+# -- load ---------------------------------------------------------------------------------------
+async def _load(
+    target: str, payload: bytes, n_images: int, concurrency: int, seconds: float
+) -> tuple[int, int, float, list[float], int]:
+    async with grpc.aio.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    ) as channel:
+        call = channel.unary_unary(CLASSIFY)  # raw bytes in, raw bytes out
+        await call(payload, timeout=30)
+        latencies: list[float] = []
+        count = [0, 0]  # measured requests, errors
+        start = time.perf_counter()
+        measure_from = start + WARMUP_S
+        stop_at = measure_from + seconds
+
+        async def worker() -> None:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at:
+                    return
+                try:
+                    await call(payload, timeout=30)
+                except grpc.aio.AioRpcError:
+                    count[1] += 1
+                    continue
+                t1 = time.perf_counter()
+                if t0 >= measure_from and t1 <= stop_at:
+                    latencies.append(t1 - t0)
+                    count[0] += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return count[0], count[0] * n_images, seconds, latencies, count[1]
+
+
+def run_point(
+    mode: str, target: str, payload: bytes, n_images: int, concurrency: int, seconds: float
+) -> Point:
+    reqs, imgs, secs, lat, errors = asyncio.run(
+        _load(target, payload, n_images, concurrency, seconds)
+    )
+    return Point(mode, concurrency, reqs, imgs, secs, lat, errors)
+
+
+# -- registration visibility --------------------------------------------------------------------
+def measure_visibility(target: str, trials: int) -> tuple[list[float], list[float], list[int]]:
+    """Per trial: (ack -> first answer naming the class - baseline, raw, polls), in s."""
+    net: list[float] = []
+    raw: list[float] = []
+    polls: list[int] = []
+    with ProtoserveClient(target) as c:
+        top_k = c.get_collection(COLLECTION).class_count + 1  # every class: presence, not rank
+        for label, drawings in new_characters(trials):
+            supports, query = drawings[:5], drawings[5]
+            baseline = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                (r,) = c.classify(COLLECTION, [query], top_k=top_k)
+                baseline = min(baseline, time.perf_counter() - t0)
+                assert all(p.label != label for p in r.predictions)
+            c.register(COLLECTION, label, images=supports)
+            t_ack = time.perf_counter()
+            n = 0
+            while True:
+                n += 1
+                (r,) = c.classify(COLLECTION, [query], top_k=top_k)
+                t = time.perf_counter()
+                if any(p.label == label for p in r.predictions):
+                    break
+                if t - t_ack > 5:
+                    raise RuntimeError(f"class {label!r} not visible 5 s after registration")
+            raw.append(t - t_ack)
+            net.append(max(0.0, t - t_ack - baseline))
+            polls.append(n)
+            c.remove_class(COLLECTION, label)
+    return net, raw, polls
+
+
+# -- main ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/serving.py", description=__doc__.split("\n")[0])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point")
+    p.add_argument("--batching", nargs="+", choices=["on", "off"], default=["on", "off"])
+    p.add_argument("--images", type=int, default=1, help="images per Classify request")
+    p.add_argument(
+        "--server-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the server as a subprocess (default) or in this process",
+    )
+    p.add_argument("--max-batch-size", type=int, default=32, help="batching on (default 32)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="batcher delay (default 5)")
+    p.add_argument("--workers", type=int, default=64, help="server gRPC threads (default 64)")
+    p.add_argument("--ceiling-seconds", type=float, default=5.0)
+    p.add_argument("--visibility-trials", type=int, default=20, help="0: skip")
+    args = p.parse_args(argv)
+    if not RUN.is_dir():
+        p.error(f"no Omniglot sample run at {RUN}")
+
+    tests = test_images()
+    query_imgs = [tests[i % len(tests)] for i in range(args.images)]
+    payload = pb.ClassifyRequest(collection=COLLECTION, images=query_imgs).SerializeToString()
+
+    best_b, ceiling, per_batch = measure_ceiling(tests, args.ceiling_seconds)
+    points: list[Point] = []
+    visibility: tuple[list[float], list[float], list[int]] | None = None
+    for mode in args.batching:
+        with running_server(mode == "on", args) as target:
+            setup_collection(target)
+            for conc in args.concurrency:
+                pt = run_point(mode, target, payload, args.images, conc, args.seconds)
+                points.append(pt)
+                print(
+                    f"# {mode} c={conc}: {pt.ips:.0f} images/s, p50 {pt.pct(50):.2f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if visibility is None and args.visibility_trials > 0 and mode == args.batching[0]:
+                visibility = measure_visibility(target, args.visibility_trials)
+
+    where = "subprocess" if args.server_process else "in-process"
+    print(
+        f"\nServer: {where}, workers {args.workers}; batching on = max_batch_size "
+        f"{args.max_batch_size}, max_delay_ms {args.max_delay_ms}; off = max_batch_size 1. "
+        f"{args.images} image(s)/request, {args.seconds:g} s per point, {os.cpu_count()} CPUs.\n"
+    )
+    print("| mode | concurrency | requests/s | images/s | p50 ms | p99 ms | % of ceiling |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for pt in points:
+        err = f" ({pt.errors} errors)" if pt.errors else ""
+        print(
+            f"| batching {pt.mode} | {pt.concurrency} | {pt.rps:.1f} | {pt.ips:.1f} | "
+            f"{pt.pct(50):.2f} | {pt.pct(99):.2f} | {100 * pt.ips / ceiling:.1f}%{err} |"
+        )
+    sizes = ", ".join(f"{b}: {v:.0f}" for b, v in per_batch.items())
+    print(
+        f"\nCeiling (in-process decode + embed + score, no gRPC): {ceiling:.1f} images/s "
+        f"at batch {best_b} (images/s by batch size: {sizes})."
+    )
+    at32 = [pt for pt in points if pt.concurrency == 32]
+    for pt in at32:
+        ok = pt.ips >= GOAL_CEILING * ceiling
+        print(
+            f"Goal >= {GOAL_CEILING:.0%} of ceiling at concurrency 32, batching {pt.mode}: "
+            f"{100 * pt.ips / ceiling:.1f}% -> {'MET' if ok else 'NOT MET'}"
+        )
+    if visibility is not None:
+        net, raw, polls = visibility
+        med = float(np.median(net)) * 1000
+        print(
+            f"\nRegistration visibility (batching {args.batching[0]}, {len(net)} trials, class "
+            f"with 5 supports): median {med:.2f} ms after the RegisterClass ack, excluding "
+            f"embedding (max {max(net) * 1000:.2f} ms; raw ack -> answer median "
+            f"{float(np.median(raw)) * 1000:.2f} ms, minus the query's own Classify time "
+            f"measured just before; polls needed: max {max(polls)}). Goal <= "
+            f"{GOAL_VISIBLE_MS:g} ms -> {'MET' if med <= GOAL_VISIBLE_MS else 'NOT MET'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
