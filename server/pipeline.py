@@ -198,11 +198,13 @@ class Pipeline:
         m = self.model(model)
         chosen = method or "prototype"
         self._check_method(m, chosen)
+        chosen_metric = metric or m.folder.manifest.scoring.metric
+        _check_hybrid_metric(chosen, chosen_metric)
         spec = CollectionSpec(
             name=name,
             model=model,
             method=chosen,
-            metric=metric or m.folder.manifest.scoring.metric,  # type: ignore[arg-type]
+            metric=chosen_metric,  # type: ignore[arg-type]
             threshold=threshold,
             dim=m.folder.manifest.embedding_dim,
             **{
@@ -364,6 +366,7 @@ class Pipeline:
         m = self.model(coll.model)
         chosen: Method = method or coll.method
         self._check_method(m, chosen)
+        _check_hybrid_metric(chosen, coll.metric)
         k = top_k or self.options.default_top_k
         if k < 1:
             raise InvalidInput(f"top_k must be positive, got {top_k}")
@@ -428,6 +431,20 @@ class Pipeline:
         p2 = float(probs[order[1]]) if len(order) > 1 else 0.0
         unknown = coll.threshold is not None and p1 < coll.threshold
         return ImageResult(preds, entropy, p1 - p2, unknown)
+
+
+def _check_hybrid_metric(method: str, metric: str) -> None:
+    """Tip-Adapter's cache term needs cosine affinities between unit-norm image embeddings.
+
+    An l2 collection's support index holds raw vectors and yields negative squared distances,
+    where ``exp(-beta * (1 - score))`` all but vanishes, so ``hybrid`` would silently score
+    as ``zero-shot``; refuse it instead.
+    """
+    if method == "hybrid" and metric == "l2":
+        raise FailedPrecondition(
+            f"method 'hybrid' needs metric 'cosine' (Tip-Adapter's cache term uses cosine "
+            f"affinities), not {metric!r}; use 'zero-shot' or a cosine collection"
+        )
 
 
 def _unit(x: FloatArray) -> FloatArray:
