@@ -290,6 +290,22 @@ class Pipeline:
         futures: list[Future[FloatArray]] = m.batcher.submit_many(pixels)
         return np.stack([f.result() for f in futures]).astype(np.float32, copy=False)
 
+    def embed_pixels(self, model: str | _Model, pixels: FloatArray) -> FloatArray:
+        """[N, dim] embeddings of already preprocessed pixels [N, C, H, W] (no decoding)."""
+        m = self.model(model) if isinstance(model, str) else model
+        want = m.pre.output_shape
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
+            raise InvalidInput(
+                f"pixels of shape {list(pixels.shape)}; model {m.folder.name!r} takes "
+                f"[N, {', '.join(map(str, want))}]"
+            )
+        self._check_count(len(pixels))
+        if not len(pixels):
+            return np.zeros((0, m.folder.manifest.embedding_dim), np.float32)
+        rows = [np.ascontiguousarray(p, dtype=np.float32) for p in pixels]
+        futures: list[Future[FloatArray]] = m.batcher.submit_many(rows)
+        return np.stack([f.result() for f in futures]).astype(np.float32, copy=False)
+
     def embed_texts(self, model: str | _Model, texts: Sequence[TextSupport]) -> FloatArray:
         m = self.model(model) if isinstance(model, str) else model
         if not m.runtime.has_text:
@@ -361,7 +377,10 @@ class Pipeline:
         images: Sequence[bytes],
         top_k: int = 0,
         method: Method | None = None,
+        *,
+        pixels: FloatArray | None = None,
     ) -> list[ImageResult]:
+        """Top-k per image; ``pixels`` (already preprocessed [N, C, H, W]) replaces ``images``."""
         coll = self.registry.collection(collection)
         m = self.model(coll.model)
         chosen: Method = method or coll.method
@@ -370,7 +389,7 @@ class Pipeline:
         k = top_k or self.options.default_top_k
         if k < 1:
             raise InvalidInput(f"top_k must be positive, got {top_k}")
-        queries = self.embed_images(m, images)
+        queries = self.embed_images(m, images) if pixels is None else self.embed_pixels(m, pixels)
         if not len(queries):
             return []
         labels, probs, scores = self._score(coll, m, chosen, queries)

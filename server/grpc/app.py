@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.config import ConfigError, ServerConfig, add_serve_arguments, config_from_args
+from server.grpc import kserve_v2
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
 from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
 from server.grpc.interceptors import ErrorInterceptor
@@ -112,6 +113,7 @@ def build_server(cfg: ServerConfig) -> tuple[ProtoserveServer, int]:
         pb_grpc.add_ProtoserveServicer_to_server(  # type: ignore[no-untyped-call]
             ProtoserveServicer(pipeline), server
         )
+        kserve_v2.add_to_server(pipeline, server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", SERVICE_NAME):
