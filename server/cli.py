@@ -63,12 +63,11 @@ def _train(argv: Sequence[str]) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
+    from server import logs
     from server.config import ConfigError, config_from_args
     from server.grpc.app import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(args.log_format, args.log_level)
     try:
         cfg = config_from_args(args)  # flags > PROTOSERVE_* env > --config file > defaults
     except ConfigError as e:
@@ -101,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="run the gRPC server")
     add_serve_arguments(srv)
+    srv.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="structured JSON lines (default) or plain text, on stderr",
+    )
+    srv.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     srv.set_defaults(func=_serve)
 
     train = sub.add_parser(
@@ -112,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.cli_client import add_client_commands  # collections, register, classify
 
     add_client_commands(sub)
+    from server.scoring import add_score_command  # score (batch offline scoring)
+
+    add_score_command(sub)
     return parser
 
 

@@ -36,10 +36,11 @@ def _abort(
 ) -> None:
     status, message = status_for(exc)
     done(status.name)
+    fields = {"rpc": method.rsplit("/", 1)[-1], "code": status.name}
     if status is grpc.StatusCode.INTERNAL:
-        log.exception("%s failed", method)
+        log.exception("%s failed", method, extra=fields)
     else:
-        log.info("%s -> %s: %s", method, status.name, message)
+        log.info("%s -> %s: %s", method, status.name, message, extra=fields)
     context.abort(status, message)
 
 
