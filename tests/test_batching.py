@@ -127,12 +127,17 @@ class Gated:
 
 
 def test_results_reach_their_callers_under_concurrency(make) -> None:
-    b = make(lambda xs: [x * 2 for x in xs], max_batch_size=16, max_delay_s=0.001)
+    # max_queue above the 1,600 items in total: a slow worker (a loaded machine) must not
+    # turn this into an overload test.
+    b = make(lambda xs: [x * 2 for x in xs], max_batch_size=16, max_delay_s=0.001, max_queue=2000)
     errors: list[str] = []
 
     def client(base: int) -> None:
-        futures = [(i, b.submit(i)) for i in range(base, base + 200)]
-        errors.extend(f"{i}" for i, f in futures if f.result(timeout=WAIT) != i * 2)
+        try:
+            futures = [(i, b.submit(i)) for i in range(base, base + 200)]
+            errors.extend(f"{i}" for i, f in futures if f.result(timeout=WAIT) != i * 2)
+        except Exception as e:  # a dying thread must fail the test, not vanish
+            errors.append(repr(e))
 
     threads = [threading.Thread(target=client, args=(t * 1000,)) for t in range(8)]
     for t in threads:
