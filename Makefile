@@ -19,7 +19,7 @@ EXTRAS ?= dev,train
 SOURCES := $(shell find csrc server training -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name 'CMakeLists.txt' \) 2>/dev/null)
 STAMP := $(VENV)/.protoserve-$(EXTRAS)-$(PROTOSERVE_CUDA)
 
-.PHONY: setup serve test lint typecheck pytest bench model clean
+.PHONY: setup data serve test lint typecheck pytest bench model clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,15 @@ $(STAMP): $(VENV)/bin/python pyproject.toml $(SOURCES)
 	$(PIP) install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
 	@rm -f $(VENV)/.protoserve-*
 	@touch $@
+
+# Fashion-MNIST for the training tests and docs/results.md: Debian's package (as root or via sudo).
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+FMNIST := $(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+data: $(FMNIST)
+
+$(FMNIST):
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
 
 serve: setup
 	@echo "protoserve: gRPC on 127.0.0.1:50051, Prometheus metrics on :9090, models from ./models, state in ./data"
@@ -51,7 +60,7 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-pytest: setup
+pytest: setup data
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test: lint typecheck pytest

@@ -1,0 +1,1 @@
+"""Reproducible experiments behind docs/results.md: ``python -m training.experiments.<name>``."""
