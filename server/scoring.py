@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from server.client import DEFAULT_TARGET, ProtoserveClient, ProtoserveError
+from server.parquet_io import jsonl_to_parquet, parquet_to_jsonl, require_pyarrow
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -251,42 +252,6 @@ class _Writer:
         self._f.close()
 
 
-def _parquet_module() -> Any:
-    try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ScoreError(
-            "a .parquet output needs pyarrow (pip install pyarrow); use .jsonl or .csv"
-        ) from None
-    return pq
-
-
-def _jsonl_to_parquet(src: Path, dst: Path, chunk: int = 10_000) -> None:
-    """Converts the resumable JSONL sidecar to Parquet (temporary file + rename)."""
-    pq = _parquet_module()
-    import pyarrow as pa
-
-    tmp = dst.with_name(dst.name + ".tmp")
-    writer = None
-    try:
-        with src.open(encoding="utf-8") as f:
-            while True:
-                rows = [json.loads(line) for _, line in zip(range(chunk), f, strict=False)]
-                if not rows:
-                    break
-                table = pa.Table.from_pylist(rows)
-                if writer is None:
-                    writer = pq.ParquetWriter(str(tmp), table.schema)
-                writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        return
-    os.replace(tmp, dst)
-
-
 # -- scoring ------------------------------------------------------------------------------------
 def _server_classify(client: ProtoserveClient, collection: str, top_k: int | None) -> Classify:
     def classify(images: list[bytes]) -> list[Any]:
@@ -372,9 +337,11 @@ def score(
     ext = out.suffix.lower()
     if ext not in (".jsonl", ".csv", ".parquet"):
         raise ScoreError(f"output {out}: extension must be .jsonl, .csv or .parquet")
-    if ext == ".parquet":
-        _parquet_module()
     sidecar = out.with_name(out.name + ".partial.jsonl") if ext == ".parquet" else out
+    if ext == ".parquet":
+        require_pyarrow(ScoreError)
+        if out.exists() and not sidecar.exists():
+            parquet_to_jsonl(out, sidecar)  # resume: rows of a finished Parquet are done
     items = iter_inputs(source)  # raises ScoreError for a bad input before anything runs
     writer = _Writer(sidecar)
     counts = {"scored": 0, "errors": 0, "skipped": len(writer.done)}
@@ -411,7 +378,7 @@ def score(
         bar.close()
         writer.close()
     if ext == ".parquet":
-        _jsonl_to_parquet(sidecar, out)
+        jsonl_to_parquet(sidecar, out)
         sidecar.unlink()
     return counts
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ import pytest
 
 from server.cli import main
 from server.client import ProtoserveClient
-from server.scoring import CSV_FIELDS
+from server.scoring import CSV_FIELDS, _server_classify
+from server.scoring import score as score_job
 from tests.grpc.support import ROOT, RUN, Running, create, needs_run, register
 
 pytestmark = needs_run
@@ -176,17 +178,33 @@ def test_resume_after_a_crash_mid_line(env: Env, tmp_path: Path, ext: str) -> No
 
 
 def test_parquet_needs_pyarrow(
-    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("pyarrow is installed")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed: import fails
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     assert score(env, env.images, tmp_path / "out.parquet") == 2
     assert "needs pyarrow" in capsys.readouterr().err
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_parquet_output_matches_jsonl(env: Env, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert score(env, env.images, tmp_path / "out.jsonl") == 0
+    assert score(env, env.images, tmp_path / "out.parquet") == 0
+    assert not (tmp_path / "out.parquet.partial.jsonl").exists()
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    check_rows(env, rows)
+    by_path = {r["path"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert len(rows) == len(by_path) == 21
+    for r in rows:
+        ref = by_path[r["path"]]
+        assert r["labels"] == ref["labels"] and r["error"] == ref["error"]
+        assert r["scores"] == pytest.approx(ref["scores"], abs=1e-6)
+    # re-running over a finished Parquet output rescores nothing and keeps every row
+    with ProtoserveClient(env.target) as c:
+        counts = score_job(_server_classify(c, "run01", 3), env.images, tmp_path / "out.parquet")
+    assert counts == {"scored": 0, "errors": 0, "skipped": 21}
+    assert pq.read_table(tmp_path / "out.parquet").to_pylist() == rows
 
 
 def test_bad_arguments(env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
