@@ -2,7 +2,9 @@
 
 An exception with a ``code`` attribute (``server.registry.errors``, ``server.errors``) gets
 that status and its message; ``ImageDecodeError`` is INVALID_ARGUMENT (its message names the
-image's index); anything else is INTERNAL with the traceback logged.
+image's index); ``NotImplementedError`` (what a generated servicer base raises for a method we
+do not override, e.g. the KServe v2 RPCs protoserve leaves out) is UNIMPLEMENTED; anything else
+is INTERNAL with the traceback logged.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ImageDecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED, "protoserve does not implement this RPC"
     code = getattr(exc, "code", None)
     if isinstance(code, str) and code in grpc.StatusCode.__members__:
         return grpc.StatusCode[code], str(exc)
@@ -35,6 +39,8 @@ def _abort(
     method: str, context: grpc.ServicerContext, exc: Exception, done: Callable[[str], None]
 ) -> None:
     status, message = status_for(exc)
+    if status is grpc.StatusCode.UNIMPLEMENTED:
+        message = f"{method.rsplit('/', 1)[-1]}: {message}"
     done(status.name)
     fields = {"rpc": method.rsplit("/", 1)[-1], "code": status.name}
     if status is grpc.StatusCode.INTERNAL:

@@ -202,3 +202,36 @@ def test_stream_infer(client: tc.InferenceServerClient) -> None:
     assert error is None and result.get_response().id == "good"
     scores = result.as_numpy("SCORES")
     assert scores is not None and scores.shape == (1, len(labels()))
+
+
+def test_sync_client_async_infer(client: tc.InferenceServerClient) -> None:
+    tests = [t.read_bytes() for t in query_images()[:3]]
+    got: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.async_infer(
+        COLL, [bytes_input(tests)], callback=lambda result, error: got.put((result, error))
+    )
+    result, error = got.get(timeout=30)
+    assert error is None
+    want = client.infer(COLL, [bytes_input(tests)]).as_numpy("SCORES")
+    np.testing.assert_allclose(result.as_numpy("SCORES"), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.get_model_repository_index(),
+        lambda c: c.load_model(COLL),
+        lambda c: c.unload_model(COLL),
+        lambda c: c.get_system_shared_memory_status(),
+        lambda c: c.get_cuda_shared_memory_status(),
+        lambda c: c.get_trace_settings(),
+        lambda c: c.get_log_settings(),
+    ],
+    ids=["repository-index", "load", "unload", "sysshm", "cudashm", "trace", "log"],
+)
+def test_other_rpcs_are_unimplemented(client: tc.InferenceServerClient, call: Any) -> None:
+    with pytest.raises(InferenceServerException) as e:
+        call(client)
+    assert status_of(e.value) == "StatusCode.UNIMPLEMENTED"
+    assert "does not implement" in e.value.message()
+    assert client.is_server_live()  # and the server keeps serving
