@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "METHODS",
     "METRICS",
+    "STRATEGIES",
     "ClassInfo",
     "Collection",
     "Embeddings",
@@ -40,6 +41,8 @@ __all__ = [
     "ProtoserveClient",
     "ProtoserveError",
     "Registered",
+    "Suggestion",
+    "Suggestions",
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -54,6 +57,13 @@ _METHOD_ENUM: dict[str, pb.Method] = {
 _METHOD_NAME: dict[int, str] = {v: k for k, v in _METHOD_ENUM.items()}
 _METRIC_ENUM: dict[str, pb.Metric] = {"cosine": pb.METRIC_COSINE, "l2": pb.METRIC_L2}
 _METRIC_NAME: dict[int, str] = {v: k for k, v in _METRIC_ENUM.items()}
+_STRATEGY_ENUM: dict[str, pb.Strategy] = {
+    "margin": pb.STRATEGY_MARGIN,
+    "entropy": pb.STRATEGY_ENTROPY,
+    "least-confidence": pb.STRATEGY_LEAST_CONFIDENCE,
+    "diverse": pb.STRATEGY_DIVERSE,
+}
+STRATEGIES: tuple[str, ...] = tuple(_STRATEGY_ENUM)
 METHODS: tuple[str, ...] = tuple(_METHOD_ENUM)
 METRICS: tuple[str, ...] = tuple(_METRIC_ENUM)
 
@@ -122,6 +132,29 @@ class Embeddings:
     dim: int
 
 
+@dataclass(frozen=True)
+class Suggestion:
+    """An image worth labeling: ``index`` into the images sent, the strategy's ``score``
+    (higher = more worth labeling) and the image's current top ``prediction``. With
+    ``scores_only`` and ``diverse`` also what ``training.active.select`` needs about it."""
+
+    index: int
+    score: float
+    prediction: Prediction
+    embedding: tuple[float, ...] = ()
+    nearest_support: tuple[float, ...] = ()  # empty: no image support registered
+    nearest_support_id: int = 0
+    probabilities: tuple[float, ...] = ()  # columns: Suggestions.labels
+
+
+@dataclass(frozen=True)
+class Suggestions:
+    """``suggest``'s answer: best first (``scores_only``: one per image, in order)."""
+
+    items: list[Suggestion]
+    labels: tuple[str, ...] = ()  # scores_only with diverse: the probabilities' classes
+
+
 # -- conversions --------------------------------------------------------------------------------
 def _collection(m: Any) -> Collection:
     return Collection(
@@ -156,6 +189,28 @@ def _image_result(m: Any) -> ImageResult:
         unknown=bool(m.unknown),
         id=m.id,
     )
+
+
+def _suggestion(m: Any) -> Suggestion:
+    p = m.prediction
+    return Suggestion(
+        index=int(m.index),
+        score=float(m.score),
+        prediction=Prediction(p.label, float(p.score), float(p.probability)),
+        embedding=tuple(m.embedding.values),
+        nearest_support=tuple(m.nearest_support.values),
+        nearest_support_id=int(m.nearest_support_id),
+        probabilities=tuple(m.probabilities),
+    )
+
+
+def _strategy(strategy: str) -> pb.Strategy:
+    if strategy not in _STRATEGY_ENUM:
+        raise ProtoserveError(
+            "INVALID_ARGUMENT",
+            f"strategy: unknown {strategy!r} (one of {', '.join(STRATEGIES)})",
+        )
+    return _STRATEGY_ENUM[strategy]
 
 
 def _method(method: str | None) -> pb.Method:
@@ -408,3 +463,29 @@ class ProtoserveClient:
             texts=[list(e.values) for e in resp.text_embeddings],
             dim=int(resp.dim),
         )
+
+    # -- label suggestions ----------------------------------------------------------------------
+    def suggest(
+        self,
+        collection: str,
+        images: Iterable[ImageInput],
+        budget: int,
+        *,
+        strategy: str = "margin",
+        seed: int = 0,
+        scores_only: bool = False,
+    ) -> Suggestions:
+        """The ``budget`` images most worth labeling next, best first (``docs/api.md``,
+        "Suggest"); ``scores_only``: every image's score instead, in order."""
+        resp = self._call(
+            "Suggest",
+            pb.SuggestRequest(
+                collection=collection,
+                images=[read_image(i)[0] for i in images],
+                budget=budget,
+                strategy=_strategy(strategy),
+                seed=seed,
+                scores_only=scores_only,
+            ),
+        )
+        return Suggestions([_suggestion(s) for s in resp.suggestions], tuple(resp.labels))

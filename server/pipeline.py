@@ -47,6 +47,7 @@ from server.runtimes.base import Runtime
 from server.runtimes.onnx_rt import OnnxConfig, OnnxRuntime
 
 __all__ = [
+    "Distribution",
     "Embeddings",
     "ImageResult",
     "LimitExceeded",
@@ -101,6 +102,34 @@ class Embeddings:
     images: FloatArray
     texts: FloatArray
     dim: int
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """``Pipeline.distribution``'s answer for N images over the collection's C classes."""
+
+    collection: Collection
+    labels: tuple[str, ...]  # the classes, in column order
+    probs: npt.NDArray[np.float64]  # [N, C]: softmax (knn: the normalised votes)
+    scores: npt.NDArray[np.float64]  # [N, C]: the method's raw scores
+    embeddings: FloatArray  # [N, dim]: the images as the model embedded them
+
+    @property
+    def size(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def result(self, i: int, k: int) -> ImageResult:
+        """Image ``i``'s top ``k``, entropy (nats), margin and open-set flag."""
+        probs, scores, labels = self.probs[i], self.scores[i], self.labels
+        order = np.argsort(-probs, kind="stable")
+        top = order[:k]
+        preds = tuple(Prediction(labels[j], float(scores[j]), float(probs[j])) for j in top)
+        p = probs[probs > 0]
+        entropy = float(-(p * np.log(p)).sum())
+        p1 = float(probs[order[0]])
+        p2 = float(probs[order[1]]) if len(order) > 1 else 0.0
+        threshold = self.collection.threshold
+        return ImageResult(preds, entropy, p1 - p2, threshold is not None and p1 < threshold)
 
 
 @dataclass(frozen=True)
@@ -381,19 +410,33 @@ class Pipeline:
         pixels: FloatArray | None = None,
     ) -> list[ImageResult]:
         """Top-k per image; ``pixels`` (already preprocessed [N, C, H, W]) replaces ``images``."""
+        self.registry.collection(collection)  # NOT_FOUND before anything else
+        k = top_k or self.options.default_top_k
+        if k < 1:
+            raise InvalidInput(f"top_k must be positive, got {top_k}")
+        d = self.distribution(collection, images, method, pixels=pixels)
+        return [d.result(i, k) for i in range(d.size)]
+
+    def distribution(
+        self,
+        collection: str,
+        images: Sequence[bytes],
+        method: Method | None = None,
+        *,
+        pixels: FloatArray | None = None,
+    ) -> Distribution:
+        """Every class's probability per image, with the embeddings it was computed from."""
         coll = self.registry.collection(collection)
         m = self.model(coll.model)
         chosen: Method = method or coll.method
         self._check_method(m, chosen)
         _check_hybrid_metric(chosen, coll.metric)
-        k = top_k or self.options.default_top_k
-        if k < 1:
-            raise InvalidInput(f"top_k must be positive, got {top_k}")
         queries = self.embed_images(m, images) if pixels is None else self.embed_pixels(m, pixels)
         if not len(queries):
-            return []
+            empty = np.zeros((0, 0), np.float64)
+            return Distribution(coll, (), empty, empty, queries)
         labels, probs, scores = self._score(coll, m, chosen, queries)
-        return [self._result(coll, labels, probs[i], scores[i], k) for i in range(len(queries))]
+        return Distribution(coll, labels, probs, scores, queries)
 
     def _score(
         self, coll: Collection, m: _Model, method: Method, q: FloatArray
@@ -401,6 +444,10 @@ class Pipeline:
         index = self.registry.index(coll.name)
         if method == "knn":
             cs = index.knn(q, self.options.knn_k)
+            if not cs.labels:
+                raise FailedPrecondition(
+                    f"collection {coll.name!r} has no image classes to score with 'knn'"
+                )
             votes = cs.scores.astype(np.float64)
             return cs.labels, votes, votes
         kind: Kind = "image" if method == "prototype" else "text"
@@ -432,24 +479,6 @@ class Pipeline:
                 if j is not None and math.isfinite(float(s)):
                     out[i, j] += math.exp(-coll.hybrid_beta * (1.0 - float(s)))
         return coll.hybrid_alpha * out
-
-    @staticmethod
-    def _result(
-        coll: Collection,
-        labels: tuple[str, ...],
-        probs: npt.NDArray[np.float64],
-        scores: npt.NDArray[np.float64],
-        k: int,
-    ) -> ImageResult:
-        order = np.argsort(-probs, kind="stable")
-        top = order[:k]
-        preds = tuple(Prediction(labels[j], float(scores[j]), float(probs[j])) for j in top)
-        p = probs[probs > 0]
-        entropy = float(-(p * np.log(p)).sum())
-        p1 = float(probs[order[0]])
-        p2 = float(probs[order[1]]) if len(order) > 1 else 0.0
-        unknown = coll.threshold is not None and p1 < coll.threshold
-        return ImageResult(preds, entropy, p1 - p2, unknown)
 
 
 def _check_hybrid_metric(method: str, metric: str) -> None:

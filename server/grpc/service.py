@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from server import suggest
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
 from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
 from server.pipeline import ImageResult, Pipeline, TextSupport
@@ -24,6 +25,13 @@ _METHODS: dict[int, Method] = {
 _METHOD_ENUM: dict[str, Any] = {v: k for k, v in _METHODS.items()}
 _METRICS = {pb.METRIC_COSINE: "cosine", pb.METRIC_L2: "l2"}
 _METRIC_ENUM: dict[str, Any] = {v: k for k, v in _METRICS.items()}
+_STRATEGIES: dict[int, str] = {
+    pb.STRATEGY_UNSPECIFIED: "margin",
+    pb.STRATEGY_MARGIN: "margin",
+    pb.STRATEGY_ENTROPY: "entropy",
+    pb.STRATEGY_LEAST_CONFIDENCE: "least-confidence",
+    pb.STRATEGY_DIVERSE: "diverse",
+}
 
 
 def _method(value: int) -> Method | None:
@@ -32,6 +40,12 @@ def _method(value: int) -> Method | None:
     if value not in _METHODS:
         raise InvalidInput(f"unknown method enum value {value}")
     return _METHODS[value]
+
+
+def _strategy(value: int) -> str:
+    if value not in _STRATEGIES:
+        raise InvalidInput(f"strategy: unknown enum value {value}")
+    return _STRATEGIES[value]
 
 
 def _collection(coll: Collection, pipeline: Pipeline) -> Any:
@@ -68,6 +82,21 @@ def _image_result(r: ImageResult, id_: str = "") -> Any:
         margin=r.margin,
         unknown=r.unknown,
         id=id_,
+    )
+
+
+def _suggestion(s: suggest.Suggestion) -> Any:
+    p = s.prediction
+    return pb.Suggestion(
+        index=s.index,
+        score=s.score,
+        prediction=pb.Prediction(label=p.label, score=p.score, probability=p.probability),
+        embedding=None if s.embedding is None else pb.Embedding(values=s.embedding.tolist()),
+        nearest_support=(
+            None if s.nearest_support is None else pb.Embedding(values=s.nearest_support.tolist())
+        ),
+        nearest_support_id=s.nearest_support_id,
+        probabilities=[] if s.probabilities is None else s.probabilities.tolist(),
     )
 
 
@@ -182,3 +211,22 @@ class ProtoserveServicer(pb_grpc.ProtoserveServicer):
             text_embeddings=[pb.Embedding(values=row.tolist()) for row in out.texts],
             dim=out.dim,
         )
+
+    # -- label suggestions ----------------------------------------------------------------------
+    def Suggest(self, request: Any, context: grpc.ServicerContext) -> Any:
+        strategy = _strategy(request.strategy)
+        images = list(request.images)
+        if request.scores_only:
+            scored = suggest.score_images(self.pipeline, request.collection, images, strategy)
+            return pb.SuggestResponse(
+                suggestions=[_suggestion(s) for s in scored.items], labels=scored.labels
+            )
+        chosen = suggest.suggest(
+            self.pipeline,
+            request.collection,
+            images,
+            request.budget,
+            strategy,
+            seed=request.seed,
+        )
+        return pb.SuggestResponse(suggestions=[_suggestion(s) for s in chosen])

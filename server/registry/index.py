@@ -334,6 +334,22 @@ class CollectionIndex:
         cids = np.array([get(int(s), -1) for s in sids.ravel()], np.int64).reshape(sids.shape)
         return Neighbours(scores, sids, cids)
 
+    def nearest_support_vectors(self, queries: Any) -> tuple[IndexArray, FloatArray]:
+        """Each query's nearest image support: its id (-1: none) and its vector as stored
+        (unit-norm for cosine; zeros for none), both read under one lock."""
+        q = self._queries(queries)
+        with self._lock.read():
+            nb = self._nearest(q, 1)
+            ids = np.full(q.shape[0], -1, np.int64)
+            vecs = np.zeros((q.shape[0], self._dim or q.shape[1]), np.float32)
+            if nb.support_ids.shape[1]:
+                ids = nb.support_ids[:, 0].astype(np.int64)
+                found = ids >= 0
+                if found.any():
+                    assert self._faiss is not None
+                    vecs[found] = self._faiss.vectors(ids[found])
+        return ids, vecs
+
     def knn(self, queries: Any, k: int, *, temperature: float = DEFAULT_TEMPERATURE) -> ClassScores:
         """Class votes of the ``k`` nearest image supports (see the module docstring).
 

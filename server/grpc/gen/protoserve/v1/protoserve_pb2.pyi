@@ -20,6 +20,14 @@ class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METRIC_UNSPECIFIED: _ClassVar[Metric]
     METRIC_COSINE: _ClassVar[Metric]
     METRIC_L2: _ClassVar[Metric]
+
+class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
+    STRATEGY_MARGIN: _ClassVar[Strategy]
+    STRATEGY_ENTROPY: _ClassVar[Strategy]
+    STRATEGY_LEAST_CONFIDENCE: _ClassVar[Strategy]
+    STRATEGY_DIVERSE: _ClassVar[Strategy]
 METHOD_UNSPECIFIED: Method
 METHOD_PROTOTYPE: Method
 METHOD_KNN: Method
@@ -28,6 +36,11 @@ METHOD_HYBRID: Method
 METRIC_UNSPECIFIED: Metric
 METRIC_COSINE: Metric
 METRIC_L2: Metric
+STRATEGY_UNSPECIFIED: Strategy
+STRATEGY_MARGIN: Strategy
+STRATEGY_ENTROPY: Strategy
+STRATEGY_LEAST_CONFIDENCE: Strategy
+STRATEGY_DIVERSE: Strategy
 
 class Collection(_message.Message):
     __slots__ = ("name", "model", "method", "metric", "open_set_threshold", "hybrid_alpha", "hybrid_beta", "class_count", "support_count")
@@ -264,3 +277,45 @@ class EmbedResponse(_message.Message):
     text_embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     dim: int
     def __init__(self, image_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., text_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dim: _Optional[int] = ...) -> None: ...
+
+class SuggestRequest(_message.Message):
+    __slots__ = ("collection", "images", "budget", "strategy", "seed", "scores_only")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SCORES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    budget: int
+    strategy: Strategy
+    seed: int
+    scores_only: bool
+    def __init__(self, collection: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., budget: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., seed: _Optional[int] = ..., scores_only: _Optional[bool] = ...) -> None: ...
+
+class Suggestion(_message.Message):
+    __slots__ = ("index", "score", "prediction", "embedding", "nearest_support", "nearest_support_id", "probabilities")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_SUPPORT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    score: float
+    prediction: Prediction
+    embedding: Embedding
+    nearest_support: Embedding
+    nearest_support_id: int
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., nearest_support: _Optional[_Union[Embedding, _Mapping]] = ..., nearest_support_id: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SuggestResponse(_message.Message):
+    __slots__ = ("suggestions", "labels")
+    SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    suggestions: _containers.RepeatedCompositeFieldContainer[Suggestion]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, suggestions: _Optional[_Iterable[_Union[Suggestion, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -94,6 +94,11 @@ class ProtoserveStub:
                 request_serializer=protoserve_dot_v1_dot_protoserve__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=protoserve_dot_v1_dot_protoserve__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Suggest = channel.unary_unary(
+                '/protoserve.v1.Protoserve/Suggest',
+                request_serializer=protoserve_dot_v1_dot_protoserve__pb2.SuggestRequest.SerializeToString,
+                response_deserializer=protoserve_dot_v1_dot_protoserve__pb2.SuggestResponse.FromString,
+                _registered_method=True)
 
 
 class ProtoserveServicer:
@@ -171,6 +176,12 @@ class ProtoserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Suggest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProtoserveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +244,11 @@ def add_ProtoserveServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=protoserve_dot_v1_dot_protoserve__pb2.EmbedRequest.FromString,
                     response_serializer=protoserve_dot_v1_dot_protoserve__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Suggest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suggest,
+                    request_deserializer=protoserve_dot_v1_dot_protoserve__pb2.SuggestRequest.FromString,
+                    response_serializer=protoserve_dot_v1_dot_protoserve__pb2.SuggestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +575,33 @@ class Protoserve:
             '/protoserve.v1.Protoserve/Embed',
             protoserve_dot_v1_dot_protoserve__pb2.EmbedRequest.SerializeToString,
             protoserve_dot_v1_dot_protoserve__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suggest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protoserve.v1.Protoserve/Suggest',
+            protoserve_dot_v1_dot_protoserve__pb2.SuggestRequest.SerializeToString,
+            protoserve_dot_v1_dot_protoserve__pb2.SuggestResponse.FromString,
             options,
             channel_credentials,
             insecure,
