@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.scoring import add_score_command  # score (batch offline scoring)
 
     add_score_command(sub)
+    from server.suggest_cli import add_suggest_command  # suggest (label suggestions)
+
+    add_suggest_command(sub)
     return parser
 
 
