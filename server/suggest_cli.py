@@ -135,18 +135,18 @@ def _run_chunk(call: Call, chunk: Chunk) -> tuple[list[int], list[str], Suggesti
 
 
 def _chunks(source: str, size: int) -> Iterator[Chunk]:
+    """Chunks of ``size`` distinct keys; a key listed again in a later chunk is left to the
+    merge (``suggest_merge._Best``), so memory stays O(size), not O(input)."""
     chunk: Chunk = []
-    seen: set[str] = set()  # a key listed twice in a manifest counts once
-    position = 0
-    for key, path in iter_inputs(source):
-        if key in seen:
+    keys: set[str] = set()
+    for position, (key, path) in enumerate(iter_inputs(source)):
+        if key in keys:
             continue
-        seen.add(key)
+        keys.add(key)
         chunk.append((position, key, path))
-        position += 1
         if len(chunk) >= size:
             yield chunk
-            chunk = []
+            chunk, keys = [], set()
     if chunk:
         yield chunk
 

@@ -53,25 +53,36 @@ def _pick(key: str, s: Suggestion) -> Pick:
 
 
 class _Best:
-    """The ``size`` best (score, earliest position) entries seen, in bounded memory."""
+    """The ``size`` best (score, earliest position) entries seen, in bounded memory.
+
+    A key offered again (a path listed twice in a manifest) counts once: its first offer
+    ranks at least as high as any later one with the same score, so once that is out of the
+    heap the later ones cannot get in, and while it is in they are refused here.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._heap: list[tuple[float, int, Any]] = []  # min-heap on (score, -position)
+        self._heap: list[tuple[float, int, str, Any]] = []  # min-heap on (score, -position)
+        self._keys: set[str] = set()  # the keys in the heap
 
-    def offer(self, score: float, position: int, item: Any) -> None:
-        entry = (score, -position, item)
+    def offer(self, score: float, position: int, key: str, item: Any) -> None:
+        if key in self._keys:
+            return
+        entry = (score, -position, key, item)
         if len(self._heap) < self.size:
             heapq.heappush(self._heap, entry)
         elif entry[:2] > self._heap[0][:2]:
-            heapq.heapreplace(self._heap, entry)
+            self._keys.discard(heapq.heapreplace(self._heap, entry)[2])
+        else:
+            return
+        self._keys.add(key)
 
-    def best_first(self) -> list[tuple[float, int, Any]]:
-        """(score, position, item), highest score first, ties to the earlier position."""
-        return [(s, -p, x) for s, p, x in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]
+    def best_first(self) -> list[Any]:
+        """The items, highest score first, ties to the earlier position."""
+        return [e[3] for e in sorted(self._heap, key=lambda e: (-e[0], -e[1]))]
 
-    def by_position(self) -> list[tuple[float, int, Any]]:
-        return sorted(((s, -p, x) for s, p, x in self._heap), key=lambda e: e[1])
+    def by_position(self) -> list[Any]:
+        return [e[3] for e in sorted(self._heap, key=lambda e: -e[1])]
 
 
 class TopUncertain:
@@ -83,10 +94,11 @@ class TopUncertain:
 
     def add(self, positions: list[int], keys: list[str], answer: Suggestions) -> None:
         for s in answer.items:
-            self._best.offer(s.score, positions[s.index], _pick(keys[s.index], s))
+            key = keys[s.index]
+            self._best.offer(s.score, positions[s.index], key, _pick(key, s))
 
     def result(self) -> list[Pick]:
-        return [pick for _, _, pick in self._best.best_first()]
+        return list(self._best.best_first())
 
 
 class Diverse:
@@ -107,13 +119,14 @@ class Diverse:
                 f"({len(self._labels)} classes, then {len(answer.labels)}): run again"
             )
         for s in answer.items:
-            self._best.offer(s.score, positions[s.index], (keys[s.index], s))
+            key = keys[s.index]
+            self._best.offer(s.score, positions[s.index], key, (key, s))
 
     def result(self) -> list[Pick]:
         kept = self._best.by_position()  # position order: select's ties go to the earlier
         if not kept:
             return []
-        items: list[tuple[str, Suggestion]] = [x for _, _, x in kept]
+        items: list[tuple[str, Suggestion]] = kept
         covered: dict[int, tuple[float, ...]] = {
             s.nearest_support_id: s.nearest_support for _, s in items if s.nearest_support
         }
@@ -167,6 +180,6 @@ def rank_columns(
         except ValueError as e:
             raise ValueError(f"row {n + 1} ({key}): {e}") from None
         probs = row.get("probabilities") or [float("nan")]
-        best.offer(score, n, Pick(key, score, str(row.get("label")), float(probs[0])))
+        best.offer(score, n, key, Pick(key, score, str(row.get("label")), float(probs[0])))
         ranked += 1
-    return [pick for _, _, pick in best.best_first()], ranked, skipped
+    return list(best.best_first()), ranked, skipped

@@ -247,6 +247,11 @@ def test_errors_and_the_server_keeps_serving(env: Env) -> None:
             c.suggest("run01", pool[:2], 1, strategy="bald")
     assert len(stub.Suggest(ok).suggestions) == 2
     still_serving(stub)
+    metrics = env.running.server.metrics
+    assert metrics is not None  # the interceptor counts Suggest like every RPC
+    count = metrics.registry.get_sample_value
+    assert count("protoserve_requests_total", {"rpc": "Suggest", "code": "NOT_FOUND"}) == 1
+    assert count("protoserve_requests_total", {"rpc": "Suggest", "code": "INVALID_ARGUMENT"}) >= 6
 
 
 # -- the CLI --------------------------------------------------------------------------------------
@@ -296,6 +301,23 @@ def test_cli_diverse_in_chunks_keeps_only_the_candidates(
     )  # fmt: skip
     assert rc == 0, err
     assert out.split()[1] == str(env.folder / env.test_files[want].name)
+
+
+def test_cli_manifest_listing_paths_twice_counts_each_once(
+    env: Env, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    want = [env.test_files[s.index].name for s in env.suggest(env.pool, 2, "margin").suggestions]
+    names = [f.name for f in env.test_files]
+    # the best image twice in the chunk with the second best, and once more in a later chunk
+    rows = [want[0], want[0], want[1], *(n for n in names if n not in want), want[0]]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path\n" + "".join(f"{env.folder / n}\n" for n in rows))
+    rc, out, err = _cli(
+        capsys, "--input", str(manifest), "--budget", "2", "--batch", "6",
+        "--server", env.target,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert [Path(line.split()[1]).name for line in out.splitlines()] == want
 
 
 @pytest.mark.parametrize("ext", ["jsonl", "csv"])
