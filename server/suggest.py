@@ -45,8 +45,8 @@ __all__ = [
 
 STRATEGIES: tuple[str, ...] = ("margin", "entropy", "least-confidence", "diverse")
 CANDIDATES_FACTOR = 10  # diverse: k-center among the CANDIDATES_FACTOR * budget most uncertain
-_UNCERTAINTY = {"margin": "margin", "entropy": "entropy", "least-confidence": "least-confidence"}
-_UNCERTAINTY["diverse"] = "margin"  # what active.select ranks diverse's candidates by
+# the active.uncertainty behind each strategy's score (diverse: what select ranks candidates by)
+_UNCERTAINTY = {s: s for s in ("margin", "entropy", "least-confidence")} | {"diverse": "margin"}
 
 FloatArray = npt.NDArray[np.float32]
 

@@ -320,10 +320,12 @@ def test_cli_manifest_listing_paths_twice_counts_each_once(
     assert [Path(line.split()[1]).name for line in out.splitlines()] == want
 
 
-@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "parquet"])
 def test_cli_from_a_score_output(
     env: Env, ext: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    if ext == "parquet":
+        pytest.importorskip("pyarrow")
     scores = tmp_path / f"scores.{ext}"
     rc = main(
         ["score", "--collection", "run01", "--input", str(env.folder), "--output", str(scores),
