@@ -164,6 +164,28 @@ def test_l2_neighbour_scores_are_negative_squared_distances() -> None:
     np.testing.assert_array_equal(nb.class_ids, np.where(nb.support_ids <= 10, 1, 2))
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_nearest_support_vectors(metric: str) -> None:
+    """Each query's nearest image support and its stored vector (unit for cosine); text
+    supports are never neighbours; an index without image supports gives -1 and zeros."""
+    rng = np.random.default_rng(5)
+    index = CollectionIndex(metric)
+    q = rng.standard_normal((3, D)).astype(np.float32)
+    index.add(9, "t", [(100, "text", rng.standard_normal(D))])
+    ids, vecs = index.nearest_support_vectors(q)
+    assert ids.tolist() == [-1, -1, -1] and not vecs.any()
+    x = rng.standard_normal((8, D)).astype(np.float32)
+    index.add(1, "a", [(i + 1, "image", x[i]) for i in range(8)])
+    stored = unit(x) if metric == "cosine" else x
+    ids, vecs = index.nearest_support_vectors(q)
+    if metric == "cosine":
+        want = np.argmax(unit(q) @ stored.T, axis=1)
+    else:
+        want = np.argmin(((q[:, None, :] - x[None]) ** 2).sum(-1), axis=1)
+    assert ids.tolist() == (want + 1).tolist()
+    np.testing.assert_allclose(vecs, stored[want], rtol=1e-6, atol=1e-6)
+
+
 def test_empty_and_bad_queries() -> None:
     index = CollectionIndex("cosine")
     assert index.class_scores(np.ones((2, 5))).scores.shape == (2, 0)
