@@ -291,3 +291,76 @@ def test_simulate_bad_input() -> None:
         simulate("random", x, y, [0, 0], **kw)
     with pytest.raises(ValueError, match="choose one of"):
         simulate("nope", x, y, [0], **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# experiment 4's plumbing (training.experiments.fmnist_active) on tiny synthetic images
+
+
+def _toy_images(n_per: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """10 classes of 28x28 uint8: a bright 6x6 square at a class-specific place, plus noise."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 40, size=(10 * n_per, 1, 28, 28)).astype(np.uint8)
+    y = np.repeat(np.arange(10), n_per)
+    for i, c in enumerate(y):
+        r, col = 2 + 8 * (c // 4), 2 + 6 * (c % 4)
+        x[i, 0, r : r + 6, col : col + 6] = 220
+    return x, y
+
+
+def test_experiment_scores_and_loop() -> None:
+    pytest.importorskip("torch")
+    from training.experiments.fmnist_active import Memo, Recipe, score_model
+    from training.finetune import predict_proba
+
+    x, y = _toy_images()
+    recipe = Recipe(epochs=1, steps_per_epoch=3, batch_size=16, mc_samples=3)
+    memo = Memo()
+    start = np.concatenate([np.flatnonzero(y == c)[:2] for c in range(10)])
+    m0 = memo.fit(recipe, x[start], y[start], 0)
+    assert memo.fit(recipe, x[start], y[start], 0) is m0  # round 0 shared across strategies
+    assert memo.fit(recipe, x[start[:-1]], y[start[:-1]], 0) is not m0
+    out = score_model(recipe, m0, x[:7], frozenset({"probs", "mc_probs", "embeddings"}))
+    assert out["embeddings"].shape == (7, 128)
+    assert out["mc_probs"].shape == (3, 7, 10)
+    # probs through the head on the embeddings == the library's predict_proba
+    np.testing.assert_allclose(out["probs"], predict_proba(m0, x[:7]), atol=1e-5)
+    for strategy in ("bald", "diverse"):
+        sim = simulate(
+            strategy,
+            x,
+            y,
+            start,
+            budget_per_round=10,
+            rounds=1,
+            fit_fn=lambda a, b: memo.fit(recipe, a, b, 0),
+            eval_fn=lambda m: memo.accuracy(m, x, y),
+            score_fn=lambda m, a, needs: score_model(recipe, m, a, needs),
+        )
+        assert sim.n_labeled == [20, 30]
+        assert 0.0 <= sim.accuracy[1] <= 1.0
+
+
+def test_experiment_summary(tmp_path) -> None:
+    import json
+
+    from training.experiments.fmnist_active import labels_to_reach, summarize
+
+    assert labels_to_reach([100, 200, 300], [0.5, 0.7, 0.9], 0.7) == 200
+    assert labels_to_reach([100, 200, 300], [0.5, 0.6, 0.65], 0.7) is None
+    n = [100, 200, 300, 400]
+    curves = {s: [0.5, 0.6, 0.7, 0.8] for s in STRATEGIES}
+    curves["margin"] = [0.5, 0.7, 0.8, 0.85]
+    for seed in (0, 1):
+        for s, acc in curves.items():
+            p = tmp_path / f"seed{seed}" / f"{s}.json"
+            p.parent.mkdir(exist_ok=True)
+            run = {"n_labeled": n, "accuracy": acc, "cpu_seconds": 1.0, "wall_seconds": 2.0}
+            p.write_text(json.dumps({**run, "recipe": {}, "pool": 9}))
+    summary = summarize(tmp_path, [0, 1], tmp_path / "plot.png")
+    assert summary["random_final"] == pytest.approx(0.8)
+    assert summary["labels_to_reach_random_final"]["margin"] == 300
+    assert summary["labels_to_reach_random_final"]["random"] == 400
+    assert summary["cpu_seconds"] == pytest.approx(12.0)
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "active.json").read_text())["seeds"] == [0, 1]
