@@ -341,6 +341,7 @@ def noisy_student(
     teacher_noise: Callable[..., Any] | None = None,
     val: tuple[np.ndarray, np.ndarray] | None = None,
     on_generation: Callable[[int, Any], dict[str, Any]] | None = None,
+    on_pseudo_labels: Callable[[int, np.ndarray, PseudoLabels], dict[str, Any]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> SelfTrainResult:
     """Runs the loop; returns the last student and one ``Generation`` record per model.
@@ -350,8 +351,9 @@ def noisy_student(
     ``teacher``: None, a ``Classifier`` (already trained), or a ``Teacher`` function.
     ``student_fit``/``teacher_fit`` are ``FitConfig``s (``teacher_fit`` default: the same),
     ``noise``/``teacher_noise`` the augmentations they train with. ``val`` (labels for
-    early stopping and model choice only) goes to ``fit``. ``on_generation(i, model)`` may
-    return extra numbers to record (e.g. a held-out accuracy computed by the caller).
+    early stopping and model choice only) goes to ``fit``. ``on_generation(i, model)`` and
+    ``on_pseudo_labels(i, teacher probabilities, PseudoLabels)`` may return extra numbers to
+    record (e.g. a held-out accuracy, or the pseudo-labels' precision on validation images).
     """
     from training.finetune import Classifier, fit
 
@@ -385,6 +387,7 @@ def noisy_student(
         if probs.shape[0] != len(x_unl):
             raise ValueError(f"teacher gave {probs.shape[0]} rows for {len(x_unl)} images")
         pl = pseudo_label(probs, cfg.pseudo_for(it))
+        pseudo_extra = on_pseudo_labels(it, probs, pl) if on_pseudo_labels is not None else {}
         student = make_model(it)
         k = student.num_classes
         if probs.shape[1] != k:
@@ -402,8 +405,9 @@ def noisy_student(
             best_epoch=res.best_epoch,
         )
         g.cpu_seconds, g.wall_seconds = time.process_time() - c0, time.perf_counter() - t0
+        g.extra = dict(pseudo_extra)
         if on_generation is not None:
-            g.extra = on_generation(it, student)
+            g.extra.update(on_generation(it, student))
         gens.append(g)
         say(
             f"student {it}: {g.n_pseudo} pseudo-labels, val {res.best_val_acc} {g.extra} "
