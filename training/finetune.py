@@ -420,7 +420,7 @@ def _train_epoch(
 
 # -- inference -----------------------------------------------------------------------------
 def _has_dropout(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
 
 
 def _chunks(x: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
