@@ -298,3 +298,32 @@ def _fmnist_pre(size: int) -> dict[str, Any]:
         "invert": False,
         "fill": 0,
     }
+
+
+def test_backbone_from_our_own_checkpoint(tmp_path: Path) -> None:
+    from training.finetune_export import load_backbone
+
+    src = SmallVGG(1, 4)
+    torch.save(src.state_dict(), tmp_path / "backbone.pt")
+    got = load_backbone("small_vgg", tmp_path / "backbone.pt", width=4)
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in src.state_dict().items())
+    with pytest.raises(ValueError, match="unknown backbone"):
+        load_backbone("vgg99")
+
+
+def test_cli_fine_tunes_and_exports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from training.data.fashion_mnist import DEFAULT_ROOT
+    from training.finetune_export import main
+
+    if not DEFAULT_ROOT.is_dir():
+        pytest.skip(f"no Fashion-MNIST at {DEFAULT_ROOT}")
+    src = SmallVGG(1, 4)
+    torch.save(src.state_dict(), tmp_path / "backbone.pt")
+    argv = ["--option", "width=4", "--checkpoint", str(tmp_path / "backbone.pt")]
+    argv += ["--epochs", "2", "--head-epochs", "1", "--steps-per-epoch", "3"]
+    assert main([*argv, "--export", str(tmp_path / "m")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 <= out["val_acc"] <= 1 and 0 <= out["test_acc"] <= 1 and out["best_epoch"] in (0, 1)
+    assert (tmp_path / "m" / "image" / "1" / "model.onnx").is_file()
