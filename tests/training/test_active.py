@@ -341,6 +341,30 @@ def test_experiment_scores_and_loop() -> None:
         assert 0.0 <= sim.accuracy[1] <= 1.0
 
 
+class ImageSetLike:
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def test_experiment_run_strategy_with_val_stop() -> None:
+    pytest.importorskip("torch")
+    from training.data.semisup import semisup_split
+    from training.experiments.fmnist_active import Recipe, run_strategy
+
+    x, y = _toy_images()
+    train = ImageSetLike(x, y)
+    data = (train, ImageSetLike(x[:30], y[:30]), semisup_split(y, per_class=2, n_val=20, seed=0))
+    recipe = Recipe(epochs=2, steps_per_epoch=2, batch_size=16, mc_samples=2, val_stop=10)
+    res = run_strategy("bald", 0, recipe, data, rounds=1)
+    assert res["n_labeled"] == [20, 100]  # budget 100 > the 80 left: all of them
+    assert len(res["val_accuracy"]) == 2
+    assert res["pool"] == 120 - 20 - 20
+    assert not set(res["labeled"]) & set(data[2].val.tolist())  # val never labeled
+
+
 def test_experiment_summary(tmp_path) -> None:
     import json
 
@@ -356,8 +380,11 @@ def test_experiment_summary(tmp_path) -> None:
             p = tmp_path / f"seed{seed}" / f"{s}.json"
             p.parent.mkdir(exist_ok=True)
             run = {"n_labeled": n, "accuracy": acc, "cpu_seconds": 1.0, "wall_seconds": 2.0}
+            run["labeled"] = [0, 1, 2, 3]
             p.write_text(json.dumps({**run, "recipe": {}, "pool": 9}))
-    summary = summarize(tmp_path, [0, 1], tmp_path / "plot.png")
+    labels = np.array([0, 0, 0, 9])
+    summary = summarize(tmp_path, [0, 1], tmp_path / "plot.png", labels)
+    assert summary["class_counts_final"]["margin"]["1"] == [3, 0, 0, 0, 0, 0, 0, 0, 0, 1]
     assert summary["random_final"] == pytest.approx(0.8)
     assert summary["labels_to_reach_random_final"]["margin"] == 300
     assert summary["labels_to_reach_random_final"]["random"] == 400

@@ -80,9 +80,18 @@ class Recipe:
     augment: bool = True
     mc_samples: int = 20
     threads: int = 1
+    val_stop: int = 0  # > 0: this many val images choose each fit's best epoch
 
 
-def fit_model(recipe: Recipe, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
+def fit_model(
+    recipe: Recipe,
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Any:
+    """A fresh model trained on (x, y); with ``val``, the epoch with the best validation
+    accuracy is restored (early stopping by checkpoint choice, ``FitConfig`` patience off)."""
     import torch
 
     from training.finetune import Classifier, FitConfig, fit, fmnist_augment, fmnist_classifier
@@ -102,7 +111,7 @@ def fit_model(recipe: Recipe, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
         seed=seed,
         num_threads=recipe.threads,
     )
-    fit(model, x, y, cfg, augment=fmnist_augment if recipe.augment else None)
+    fit(model, x, y, cfg, val=val, augment=fmnist_augment if recipe.augment else None)
     return model
 
 
@@ -140,29 +149,40 @@ def load(seed: int, root: str | None = None) -> tuple[Any, Any, Any]:
 
 class Memo:
     """Round 0 is the same fit for every strategy (same labels, same seed): the first fit a
-    Memo sees is kept, with its test accuracy, and reused when the same labeled set (bytes),
+    Memo sees is kept, with its evaluation, and reused when the same labeled set (bytes),
     recipe and seed come again; every other fit is fresh."""
 
     def __init__(self) -> None:
         self.key: str | None = None
         self.model: Any = None
-        self.acc: float | None = None
+        self.result: Any = None
 
-    def fit(self, recipe: Recipe, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
+    def fit(
+        self,
+        recipe: Recipe,
+        x: np.ndarray,
+        y: np.ndarray,
+        seed: int,
+        val: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Any:
         key = hashlib.sha1(x.tobytes() + y.tobytes() + repr((recipe, seed)).encode()).hexdigest()
         if self.key is None:
-            self.key, self.model = key, fit_model(recipe, x, y, seed)
+            self.key, self.model = key, fit_model(recipe, x, y, seed, val)
             return self.model
-        return self.model if key == self.key else fit_model(recipe, x, y, seed)
+        return self.model if key == self.key else fit_model(recipe, x, y, seed, val)
+
+    def evaluate(self, model: Any, fn: Any) -> Any:
+        """``fn(model)``, computed once for the kept model."""
+        if model is not self.model:
+            return fn(model)
+        if self.result is None:
+            self.result = fn(model)
+        return self.result
 
     def accuracy(self, model: Any, x: np.ndarray, y: np.ndarray) -> float:
         from training.finetune import accuracy
 
-        if model is not self.model:
-            return accuracy(model, x, y)
-        if self.acc is None:
-            self.acc = accuracy(model, x, y)
-        return self.acc
+        return float(self.evaluate(model, lambda m: accuracy(m, x, y)))
 
 
 def run_strategy(
@@ -173,14 +193,31 @@ def run_strategy(
     rounds: int,
     memo: Memo | None = None,
 ) -> dict[str, Any]:
+    from training.finetune import accuracy
+
     train, test, split = data
     memo = memo or Memo()
+    xv, yv = train.images[split.val], train.labels[split.val]
+    stop = None
+    if recipe.val_stop:
+        pick = np.sort(np.random.default_rng(seed).choice(split.val.size, recipe.val_stop, False))
+        stop = (xv[pick], yv[pick])
+    val_acc: list[float] = []
+
+    def evaluate(m: Any) -> float:
+        """Test accuracy (recorded); val accuracy on all 5,000 kept alongside."""
+        test_acc, v = memo.evaluate(
+            m, lambda m: (accuracy(m, test.images, test.labels), accuracy(m, xv, yv))
+        )
+        val_acc.append(v)
+        return test_acc
+
     c0, t0 = time.process_time(), time.perf_counter()
 
     def on_round(r: Any) -> None:
         print(
             f"seed {seed} {strategy:16s} {r.n_labeled:5d} labels: test {r.accuracy:.4f} "
-            f"(fit {r.fit_cpu_s:.0f} + select {r.select_cpu_s:.0f} CPU s)",
+            f"val {val_acc[-1]:.4f} (fit {r.fit_cpu_s:.0f} + select {r.select_cpu_s:.0f} CPU s)",
             flush=True,
         )
 
@@ -191,8 +228,8 @@ def run_strategy(
         split.labeled,
         BUDGET,
         rounds,
-        fit_fn=lambda x, y: memo.fit(recipe, x, y, seed),
-        eval_fn=lambda m: memo.accuracy(m, test.images, test.labels),
+        fit_fn=lambda x, y: memo.fit(recipe, x, y, seed, stop),
+        eval_fn=evaluate,
         score_fn=lambda m, x, needs: score_model(recipe, m, x, needs, seed),
         exclude=split.val,
         seed=seed,
@@ -200,6 +237,7 @@ def run_strategy(
     )
     return {
         **sim.to_json(),
+        "val_accuracy": val_acc,
         "seed": seed,
         "recipe": asdict(recipe),
         "pool": int(len(train) - split.labeled.size - split.val.size),
@@ -264,7 +302,16 @@ def labels_to_reach(n: list[int], acc: list[float], target: float) -> int | None
     return None
 
 
-def summarize(out: Path, seeds: Sequence[int], plot: Path | None) -> dict[str, Any]:
+def class_balance(labeled: Sequence[int], labels: np.ndarray, classes: int = 10) -> list[int]:
+    """How many of the labeled images fall in each class."""
+    return np.bincount(labels[np.asarray(labeled, dtype=np.int64)], minlength=classes).tolist()
+
+
+def summarize(
+    out: Path, seeds: Sequence[int], plot: Path | None, labels: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Table, labels-to-reach and plot over the seeds that have every strategy; with the
+    training ``labels``, also each strategy's final per-class label counts (min/max)."""
     runs = collect(out, seeds)
     if "random" not in runs:
         raise SystemExit(f"no random runs under {out} for seeds {list(seeds)}")
@@ -303,6 +350,14 @@ def summarize(out: Path, seeds: Sequence[int], plot: Path | None) -> dict[str, A
         r = reach[s]
         saved = f"{1 - r / n[-1]:.0%} fewer labels" if r else f"never within {n[-1]}"
         print(f"  {s:16s} reaches it at {r} labels ({saved}); per seed {per_seed_reach[s]}")
+    balance: dict[str, dict[str, list[int]]] = {}
+    if labels is not None:
+        for s in order:
+            counts = {str(k): class_balance(runs[s][k]["labeled"], labels) for k in common}
+            balance[s] = counts
+            lo = [min(c) for c in counts.values()]
+            hi = [max(c) for c in counts.values()]
+            print(f"  {s:16s} final labels per class: min {lo}, max {hi} (seeds {common})")
     print(f"CPU: {cpu:.0f} s over {len(common)} seed(s)")
     summary = {
         "experiment": "fmnist_active",
@@ -321,6 +376,12 @@ def summarize(out: Path, seeds: Sequence[int], plot: Path | None) -> dict[str, A
         "pool": runs["random"][common[0]]["pool"],
         "table": table,
         "runs": {s: {str(k): runs[s][k]["accuracy"] for k in common} for s in order},
+        "class_counts_final": balance,
+        "mean_val_accuracy": {
+            s: np.mean([runs[s][k]["val_accuracy"] for k in common], axis=0).tolist()
+            for s in order
+            if all("val_accuracy" in runs[s][k] for k in common)
+        },
     }
     (out / "active.json").write_text(json.dumps(summary, indent=1) + "\n")
     if plot is not None:
@@ -377,6 +438,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-augment", action="store_true")
     ap.add_argument("--mc-samples", type=int, default=Recipe.mc_samples)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--val-stop",
+        type=int,
+        default=Recipe.val_stop,
+        help="> 0: each fit keeps its best epoch on this many val images (0: the last epoch)",
+    )
     ap.add_argument("--tune", action="store_true", help="choose the recipe on val, then stop")
     ap.add_argument("--summarize", action="store_true", help="only the table and plot")
     ap.add_argument("--plot", type=Path, default=None, help="default OUT/active.png")
@@ -389,10 +456,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         augment=not args.no_augment,
         mc_samples=args.mc_samples,
         threads=args.threads,
+        val_stop=args.val_stop,
     )
     plot = args.plot or args.out / "active.png"
     if args.summarize:
-        summarize(args.out, seeds, plot)
+        from training.data.fashion_mnist import load_fashion_mnist
+
+        kw = {"root": args.root} if args.root else {}
+        summarize(args.out, seeds, plot, load_fashion_mnist(split="train", **kw).labels)
         return 0
     import torch
 
@@ -423,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(res, indent=1) + "\n")
     if not args.tune:
-        summarize(args.out, seeds, plot)
+        summarize(args.out, seeds, plot, data[0].labels)
     return 0
 
 
