@@ -58,14 +58,10 @@ def timed_job(classify: Any, folder: Path, out: Path, batch: int, conc: int) -> 
 
 
 def in_process_points(args: argparse.Namespace, folder: Path, tmp: Path) -> list[tuple]:
-    from server.model_repo import ModelRepository
-    from server.pipeline import Pipeline, PipelineOptions
-    from server.registry import Registry
+    from server.local import local_pipeline
 
-    registry = Registry.open(tmp / "inproc-data")
-    pipeline = Pipeline(registry, ModelRepository(serving.ROOT / "models"), PipelineOptions())
     points = []
-    try:
+    with local_pipeline(tmp / "inproc-data", serving.ROOT / "models") as pipeline:
         pipeline.create_collection(serving.COLLECTION, serving.MODEL)
         for label, data in serving.training_images():
             pipeline.register(serving.COLLECTION, label, [data])
@@ -75,9 +71,6 @@ def in_process_points(args: argparse.Namespace, folder: Path, tmp: Path) -> list
                 ips = timed_job(classify, folder, tmp / "inproc.jsonl", b, c)
                 points.append(("in-process", b, c, ips))
                 print(f"# in-process b={b} c={c}: {ips:.0f} images/s", file=sys.stderr)
-    finally:
-        pipeline.close()
-        registry.close()
     return points
 
 

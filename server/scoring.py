@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from server.client import DEFAULT_TARGET, ProtoserveClient, ProtoserveError
+from server.local import local_pipeline, service_error_rc
 from server.parquet_io import jsonl_to_parquet, parquet_to_jsonl, require_pyarrow
 
 __all__ = [
@@ -394,13 +395,7 @@ def _command(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            from server.model_repo import ModelRepository
-            from server.pipeline import Pipeline
-            from server.registry import Registry
-
-            registry = Registry.open(args.data_dir)
-            pipeline = Pipeline(registry, ModelRepository(args.model_repo))
-            try:
+            with local_pipeline(args.data_dir, args.model_repo) as pipeline:
                 counts = score(
                     _pipeline_classify(pipeline, args.collection, top_k),
                     args.input,
@@ -409,9 +404,6 @@ def _command(args: argparse.Namespace) -> int:
                     concurrency=args.concurrency,
                     progress=not args.no_progress,
                 )
-            finally:
-                pipeline.close()
-                registry.close()
         else:
             with ProtoserveClient(args.server, timeout_s=args.timeout) as client:
                 counts = score(
@@ -425,15 +417,11 @@ def _command(args: argparse.Namespace) -> int:
     except ScoreError as e:
         print(f"protoserve score: {e}", file=sys.stderr)
         return 2
-    except ProtoserveError as e:
-        print(f"protoserve score: {e.code}: {e.message}", file=sys.stderr)
-        return 1
-    except Exception as e:  # in-process: the pipeline's errors carry a gRPC-like code
-        code = getattr(e, "code", None)
-        if not isinstance(code, str):
+    except Exception as e:
+        rc = service_error_rc("protoserve score", e)
+        if rc is None:
             raise
-        print(f"protoserve score: {code}: {e}", file=sys.stderr)
-        return 1
+        return rc
     print(
         f"scored {counts['scored']}, errors {counts['errors']}, "
         f"skipped {counts['skipped']} (already in {args.output})",

@@ -35,6 +35,7 @@ from server.client import (
     Suggestion,
     Suggestions,
 )
+from server.local import local_pipeline, service_error_rc
 from server.scoring import ScoreError, iter_inputs
 from server.suggest_merge import Diverse, Pick, TopUncertain, rank_columns
 
@@ -295,18 +296,9 @@ def _rank(args: argparse.Namespace) -> tuple[list[Pick], int, int]:
             return suggest_images(call, args.input, args.strategy, args.budget, **kw)
     if not args.data_dir or not args.model_repo:
         raise SuggestError("--in-process needs --data-dir and --model-repo")
-    from server.model_repo import ModelRepository
-    from server.pipeline import Pipeline
-    from server.registry import Registry
-
-    registry = Registry.open(args.data_dir)
-    pipeline = Pipeline(registry, ModelRepository(args.model_repo))
-    try:
+    with local_pipeline(args.data_dir, args.model_repo) as pipeline:
         call = _pipeline_call(pipeline, args.collection, args.strategy, args.budget)
         return suggest_images(call, args.input, args.strategy, args.budget, **kw)
-    finally:
-        pipeline.close()
-        registry.close()
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -326,15 +318,11 @@ def _command(args: argparse.Namespace) -> int:
     except (SuggestError, ScoreError) as e:
         print(f"protoserve suggest: {e}", file=sys.stderr)
         return e.rc if isinstance(e, SuggestError) else 2
-    except ProtoserveError as e:
-        print(f"protoserve suggest: {e.code}: {e.message}", file=sys.stderr)
-        return 1
-    except Exception as e:  # in-process: the pipeline's errors carry a gRPC-like code
-        code = getattr(e, "code", None)
-        if not isinstance(code, str):
+    except Exception as e:
+        rc = service_error_rc("protoserve suggest", e)
+        if rc is None:
             raise
-        print(f"protoserve suggest: {code}: {e}", file=sys.stderr)
-        return 1
+        return rc
     _print(records, args.json)
     print(
         f"protoserve suggest: {len(picks)} of {ranked} images by {args.strategy}"
