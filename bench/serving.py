@@ -119,7 +119,7 @@ def new_characters(n: int) -> list[tuple[str, list[bytes]]]:
 def measure_ceiling(images: list[bytes], seconds: float) -> tuple[int, float, dict[int, float]]:
     """(best batch size, its images/s, images/s per batch size): decode + embed + score."""
     from server.model_repo import ModelRepository
-    from server.pipeline import Pipeline, PipelineOptions
+    from server.pipeline import Distribution, Pipeline, PipelineOptions
     from server.registry import Registry
 
     tmp = Path(tempfile.mkdtemp(prefix="protoserve-ceiling-"))
@@ -137,8 +137,9 @@ def measure_ceiling(images: list[bytes], seconds: float) -> tuple[int, float, di
             pixels = m.pre.preprocess_bytes(batch)
             q = m.runtime.encode_images(pixels)
             labels, probs, scores = pipeline._score(coll, m, "prototype", q)
+            d = Distribution(coll, labels, probs, scores, q)
             for i in range(len(batch)):
-                pipeline._result(coll, labels, probs[i], scores[i], k)
+                d.result(i, k)
 
         per_batch: dict[int, float] = {}
         budget = seconds / len(CEILING_BATCHES)
