@@ -297,7 +297,7 @@ def fit(
         torch.set_num_threads(cfg.num_threads)
     t0, c0 = time.perf_counter(), time.process_time()
     gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # dropout masks
+    torch.manual_seed(cfg.seed)  # dropout masks (this reseeds torch's global generator)
     result = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
     epoch = 0
@@ -343,11 +343,11 @@ def fit(
         if bar is not None:
             bar.close()
         torch.set_num_threads(threads)
+        model.backbone.requires_grad_(True)  # unfrozen again, even after an error
     if best_state is not None:
         model.load_state_dict(best_state)
     else:
         result.best_epoch = epoch - 1
-    model.backbone.requires_grad_(True)
     model.eval()
     result.cpu_seconds = time.process_time() - c0
     result.wall_seconds = time.perf_counter() - t0
