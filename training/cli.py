@@ -4,6 +4,8 @@
     protoserve train evaluate --checkpoint runs/protonet/checkpoint.pt --way 20
     protoserve train eval-runs --model models/omniglot-protonet --runs RUNS
     protoserve train export --checkpoint runs/protonet/checkpoint.pt --out models/omniglot-protonet
+    protoserve train finetune --mode two-stage --export models/fmnist-ft --server 127.0.0.1:50051
+    protoserve train experiment fmnist-selftrain --seed 0 --out runs/fmnist_selftrain
 
 Every command is ``main(argv)``; only ``eval-runs`` works without torch.
 """
@@ -150,6 +152,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPERIMENTS = ("fmnist-baseline", "fmnist-rotation", "fmnist-selftrain", "fmnist-active")
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    """docs/results.md's experiments: ``training.experiments.<name>.main(rest)``."""
+    import importlib
+
+    module = importlib.import_module("training.experiments." + args.name.replace("-", "_"))
+    return int(module.main(args.rest))
+
+
+def _finetune(rest: Sequence[str]) -> int:
+    from training.finetune_export import main as finetune_main
+
+    return finetune_main(list(rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protoserve train",
@@ -204,11 +223,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true")
     ex.add_argument("--threads", type=int, default=1)
     ex.set_defaults(func=_export)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="transfer learning: linear probe / full / two-stage, export, register "
+        "(options: protoserve train finetune --help)",
+        add_help=False,
+    )
+    ft.add_argument("rest", nargs=argparse.REMAINDER)  # main() hands these over unparsed
+
+    xp = sub.add_parser(
+        "experiment",
+        help="the Fashion-MNIST experiments of docs/results.md (options: NAME --help)",
+    )
+    xp.add_argument("name", choices=EXPERIMENTS)
+    xp.add_argument("rest", nargs=argparse.REMAINDER, help="the experiment's own options")
+    xp.set_defaults(func=_experiment)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["finetune"]:  # its own parser, options and --help included
+        return _finetune(argv[1:])
     args = build_parser().parse_args(argv)
     args.command_line = "protoserve train " + shlex.join(argv)
     return int(args.func(args))
