@@ -342,6 +342,7 @@ def noisy_student(
     val: tuple[np.ndarray, np.ndarray] | None = None,
     on_generation: Callable[[int, Any], dict[str, Any]] | None = None,
     on_pseudo_labels: Callable[[int, np.ndarray, PseudoLabels], dict[str, Any]] | None = None,
+    make_teacher: Callable[[Any], Teacher] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> SelfTrainResult:
     """Runs the loop; returns the last student and one ``Generation`` record per model.
@@ -354,6 +355,8 @@ def noisy_student(
     early stopping and model choice only) goes to ``fit``. ``on_generation(i, model)`` and
     ``on_pseudo_labels(i, teacher probabilities, PseudoLabels)`` may return extra numbers to
     record (e.g. a held-out accuracy, or the pseudo-labels' precision on validation images).
+    ``make_teacher(model)`` turns each trained model into the next ``Teacher`` (default:
+    ``model_teacher``; e.g. label propagation on the model's features, ``training.labelprop``).
     """
     from training.finetune import Classifier, fit
 
@@ -376,11 +379,13 @@ def noisy_student(
         gens.append(g)
         say(f"teacher: val {res.best_val_acc} {g.extra} cpu {g.cpu_seconds:.0f}s")
         teacher = model
-    teach: Teacher = (
-        model_teacher(teacher, flip_tta=cfg.flip_tta)
-        if isinstance(teacher, Classifier)
-        else teacher
-    )
+
+    def as_teacher(m: Any) -> Teacher:
+        if make_teacher is not None:
+            return make_teacher(m)
+        return model_teacher(m, flip_tta=cfg.flip_tta)
+
+    teach: Teacher = as_teacher(teacher) if isinstance(teacher, Classifier) else teacher
     for it in range(1, cfg.iterations + 1):
         t0, c0 = time.perf_counter(), time.process_time()
         probs = check_probs(teach(x_unl))
@@ -414,5 +419,5 @@ def noisy_student(
             f"cpu {g.cpu_seconds:.0f}s"
         )
         teacher, model = student, student
-        teach = model_teacher(student, flip_tta=cfg.flip_tta)
+        teach = as_teacher(student)
     return SelfTrainResult(model, gens)

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from training.finetune import Classifier, FitConfig, accuracy  # noqa: E402
+from training.labelprop import knn_graph, label_propagation  # noqa: E402
 from training.noise import OPS, Noise, apply_op, cutout, rand_augment, weak_augment  # noqa: E402
 from training.selftrain import (  # noqa: E402
     PseudoLabelConfig,
@@ -305,6 +306,60 @@ def test_teacher_with_the_wrong_class_count_is_refused() -> None:
 
     with pytest.raises(ValueError, match="classes"):
         noisy_student(tiny_model, x_lab, y_lab, x_unl, SelfTrainConfig(1), fit_cfg, teacher=two)
+
+
+def test_make_teacher_turns_every_model_into_the_next_teacher() -> None:
+    x_lab, y_lab = blobs(6, 0)
+    x_unl, y_unl = blobs(60, 1)
+    made: list[int] = []
+
+    def oracle_for(model: Classifier) -> object:
+        made.append(id(model))
+        return lambda x: np.eye(3)[y_unl[: len(x)]] * 0.97 + 0.01
+
+    fit_cfg = FitConfig(epochs=1, batch_size=16, lr=0.1, steps_per_epoch=2)
+    res = noisy_student(
+        tiny_model, x_lab, y_lab, x_unl, SelfTrainConfig(2), fit_cfg, make_teacher=oracle_for
+    )
+    assert len(made) == 3 and made[-1] == id(res.model)  # teacher, student 1, student 2
+    assert res.generations[1].n_pseudo == 60
+
+
+# -- label propagation --------------------------------------------------------------------------
+def test_knn_graph_finds_the_nearest_other_points() -> None:
+    f = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    sims, idx = knn_graph(f, 1)
+    assert idx[:, 0].tolist() == [1, 0, 3, 2]
+    assert float(sims[0, 0]) == pytest.approx(0.9 / np.hypot(0.9, 0.1))
+
+
+def test_label_propagation_spreads_one_label_along_each_cluster() -> None:
+    # two arcs of 20 unit vectors, far apart in angle; one labeled point at each arc's end
+    a = np.linspace(0.0, 0.5, 20)
+    b = np.linspace(2.0, 2.5, 20)
+    f = np.concatenate([np.stack([np.cos(a), np.sin(a)], 1), np.stack([np.cos(b), np.sin(b)], 1)])
+    p = label_propagation(f, np.array([0, 39]), np.array([1, 0]), 3, k=3, iters=50)
+    assert p.shape == (40, 3)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+    assert p[:20].argmax(1).tolist() == [1] * 20 and p[20:].argmax(1).tolist() == [0] * 20
+    assert (p[:, 2] == 0).all()  # a class nobody labeled gets nothing
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "k must"),
+        ({"alpha": 1.0}, "alpha"),
+        ({"labeled": np.array([0, 50])}, "labeled indices"),
+        ({"labels": np.array([0, 3])}, "labels must"),
+    ],
+)
+def test_label_propagation_bad_arguments(kwargs: dict[str, object], match: str) -> None:
+    args: dict[str, object] = {"labeled": np.array([0, 1]), "labels": np.array([0, 1]), "k": 3}
+    args.update(kwargs)
+    f = np.random.default_rng(0).normal(size=(10, 4))
+    with pytest.raises(ValueError, match=match):
+        label_propagation(f, args.pop("labeled"), args.pop("labels"), 3, **args)  # type: ignore[arg-type]
 
 
 # -- a protoserve collection as the teacher, through a real server --------------------------------

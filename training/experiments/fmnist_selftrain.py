@@ -58,6 +58,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--labeled-repeat", type=int, default=10)
     ap.add_argument("--tta", action="store_true", help="teacher averages mirror images")
     ap.add_argument("--warm-start", action="store_true")
+    ap.add_argument(
+        "--propagate",
+        type=int,
+        default=0,
+        help="k > 0: pseudo-labels by label propagation on a k-NN graph of [pixel PCA, features]",
+    )
+    ap.add_argument("--pca", type=int, default=50, help="pixel PCA dimensions for --propagate")
     # noise and optimisation
     ap.add_argument("--n-ops", type=int, default=2)
     ap.add_argument("--magnitude", type=float, default=5.0)
@@ -172,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(stats), flush=True)
         return stats
 
+    make_teacher = None
+    if args.propagate:
+        make_teacher = propagation_teacher(x_lab, y_lab, args.propagate, args.pca)
+
     result = noisy_student(
         make_model,
         x_lab,
@@ -185,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         val=val,
         on_generation=record,
         on_pseudo_labels=pseudo_stats,
+        make_teacher=make_teacher,
         log=lambda msg: print(msg, flush=True),
     )
     for row, gen in zip(rows, result.generations, strict=True):
@@ -200,6 +212,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"total: {time.process_time() - c0:.0f} CPU s, {time.perf_counter() - t0:.0f} wall s")
     print(f"wrote {path}")
     return 0
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+def propagation_teacher(x_lab: np.ndarray, y_lab: np.ndarray, k: int, pca: int) -> Any:
+    """``make_teacher`` for ``noisy_student``: label propagation (Iscen et al. 2019) over the
+    labeled + unlabeled images, on each image's unit pixel-PCA vector next to its unit model
+    features, seeded by the labels. Pixels see what the model missed and vice versa."""
+    from training.finetune import embed
+    from training.labelprop import label_propagation
+
+    cache: dict[int, np.ndarray] = {}  # id(x_unl) -> unit pixel-PCA rows of [x_lab, x_unl]
+
+    def pixels(x_all: np.ndarray, key: int) -> np.ndarray:
+        if key not in cache:
+            flat = x_all.reshape(len(x_all), -1).astype(np.float32) / 255
+            flat -= flat.mean(0)
+            _, _, vt = np.linalg.svd(flat[:: max(1, len(flat) // 6000)], full_matrices=False)
+            cache.clear()
+            cache[key] = _unit(flat @ vt[:pca].T)
+        return cache[key]
+
+    def make(model: Any) -> Any:
+        def teach(x_unl: np.ndarray) -> np.ndarray:
+            x_all = np.concatenate([x_lab, x_unl])
+            feats = np.concatenate([pixels(x_all, id(x_unl)), _unit(embed(model, x_all))], 1)
+            probs = label_propagation(feats, np.arange(len(x_lab)), y_lab, 10, k=k)
+            return probs[len(x_lab) :]
+
+        return teach
+
+    return make
 
 
 def write(
