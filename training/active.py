@@ -160,16 +160,16 @@ def k_center_greedy(
     labeled: Any = None,
     seed: int = 0,
     first: int | None = None,
-    chunk: int = 1024,
+    chunk: int | None = None,
 ) -> np.ndarray:
     """Core-set greedy (Sener & Savarese 2018): ``budget`` indices into ``embeddings`` [N, D].
 
     Each pick is the point whose distance to its nearest centre (the ``labeled`` [M, D] points
     and the picks so far) is largest; ties go to the lower index. With no labeled points the
     first pick is ``first`` if given, else a seeded random draw. Memory is O(N * chunk): the
-    distances to the labeled set are taken ``chunk`` centres at a time, then one centre per
-    pick, never an N x N (or N x M) matrix. Returns int64 indices in pick order; a budget above
-    N returns all N.
+    distances to the labeled set are taken ``chunk`` centres at a time (default: blocks of
+    about 4M distances, at most 1,024 centres), then one centre per pick, never an N x N (or
+    N x M) matrix. Returns int64 indices in pick order; a budget above N returns all N.
     """
     x = _check_embeddings(embeddings, "embeddings")
     budget = _check_budget(budget)
@@ -177,6 +177,10 @@ def k_center_greedy(
     budget = min(budget, n)
     if budget == 0:
         return np.zeros(0, dtype=np.int64)
+    if chunk is None:
+        chunk = max(1, min(1024, (1 << 22) // max(n, 1)))
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     xx = (x * x).sum(axis=1)
     min_d = np.full(n, np.inf)
     if labeled is not None:

@@ -406,10 +406,10 @@ def draw(
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for s in order:
         style = {"color": "black", "linestyle": "--"} if s == "random" else {}
-        ax.plot(n, 100 * mean[s], marker="o", markersize=3, label=s, **style)
+        (line,) = ax.plot(n, 100 * mean[s], marker="o", markersize=3, label=s, **style)
         if n_seeds > 1:
             lo, hi = 100 * (mean[s] - std[s]), 100 * (mean[s] + std[s])
-            ax.fill_between(n, lo, hi, alpha=0.12, color=style.get("color"))
+            ax.fill_between(n, lo, hi, alpha=0.12, color=line.get_color(), linewidth=0)
     ax.axhline(100 * target, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("labeled images")
     ax.set_ylabel("test accuracy (%)")
