@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     rows: list[dict[str, Any]] = []
+    last_stats: dict[str, Any] = {}
 
     def record(i: int, model: Any) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -145,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         if not args.no_test:
             row["test_acc"] = accuracy(model, test.images, test.labels)
+        if i > 0:
+            row["pseudo_labels"] = dict(last_stats)
         rows.append(row)
         print(json.dumps(row), flush=True)
         write(args.out, rows, command, args, cfg, teacher_fit, student_fit, split, c0, t0)
@@ -177,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "precision_top_k_per_class_val": at_k,
         }
         print(json.dumps(stats), flush=True)
+        last_stats.clear()
+        last_stats.update(stats)
         return stats
 
     make_teacher = None
