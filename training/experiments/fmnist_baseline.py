@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--root", default=None, help="Fashion-MNIST IDX folder")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--full-epochs", type=int, default=2, help="epochs on all labels")
+    ap.add_argument("--full-epochs", type=int, default=10, help="epochs on all labels")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
