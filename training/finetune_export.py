@@ -118,6 +118,17 @@ def register_classes(
     return out
 
 
+def served_accuracy(
+    client: Any, collection: str, images: np.ndarray, labels: Sequence[str], batch: int = 250
+) -> float:
+    """Top-1 accuracy of the server's answers (``Classify``) against class names."""
+    hits = 0
+    for i in range(0, len(images), batch):
+        res = client.classify(collection, [png_bytes(im) for im in images[i : i + batch]], top_k=1)
+        hits += sum(r.top.label == want for r, want in zip(res, labels[i : i + batch], strict=True))
+    return hits / max(1, len(images))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Fine-tune on Fashion-MNIST's labeled split, report val/test accuracy, and optionally
     export the backbone (``--export``) and register the labeled classes (``--server``)."""
@@ -148,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--server", default=None, help="host:port of a running protoserve")
     ap.add_argument("--collection", default="fmnist-finetuned")
+    ap.add_argument(
+        "--score-test", action="store_true", help="classify the test set through the server"
+    )
     args = ap.parse_args(argv)
     if args.server and not args.export:
         ap.error("--server needs --export (the collection's model)")
@@ -194,8 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.client import ProtoserveClient
 
         with ProtoserveClient(args.server) as client:
-            done = register_classes(client, args.collection, args.export.name, x, y, train.classes)
-        summary["registered"] = sorted(done)
+            done = register_classes(client, args.collection, folder.name, x, y, train.classes)
+            summary["registered"] = sorted(done)
+            if args.score_test:
+                names = [test.classes[i] for i in test.labels]
+                summary["served_test_acc"] = served_accuracy(
+                    client, args.collection, test.images, names
+                )
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -255,7 +255,12 @@ def test_export_and_register_into_a_running_server(tmp_path: Path) -> None:
     from server.client import ProtoserveClient
     from server.config import ServerConfig
     from server.grpc.app import build_server
-    from training.finetune_export import export_finetuned, png_bytes, register_classes
+    from training.finetune_export import (
+        export_finetuned,
+        png_bytes,
+        register_classes,
+        served_accuracy,
+    )
 
     x, y = tiny_set(6)
     pre = _fmnist_pre(SIZE)  # Fashion-MNIST's preprocess config at 12x12
@@ -274,6 +279,7 @@ def test_export_and_register_into_a_running_server(tmp_path: Path) -> None:
             out = register_classes(client, "tiny", "tiny", x, y, ["a", "b", "c"])
             assert sorted(out) == ["a", "b", "c"]
             served = client.classify("tiny", [png_bytes(im) for im in x], top_k=1)
+            served_acc = served_accuracy(client, "tiny", x, [["a", "b", "c"][i] for i in y], 5)
     finally:
         server.stop(grace=2)
     # the server ranks by cosine to each class's mean embedding: the same, computed here
@@ -283,7 +289,7 @@ def test_export_and_register_into_a_running_server(tmp_path: Path) -> None:
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
     local = (f @ protos.T).argmax(1)
     assert [r.top.label for r in served] == [["a", "b", "c"][i] for i in local]
-    assert (local == y).mean() > 0.5
+    assert (local == y).mean() > 0.5 and served_acc == pytest.approx((local == y).mean())
 
 
 def _fmnist_pre(size: int) -> dict[str, Any]:
