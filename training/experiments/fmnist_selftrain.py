@@ -271,6 +271,7 @@ def write(
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     final = rows[-1] if rows else {}
+    chosen = max(rows, key=lambda r: r["val_acc"]) if rows else {}  # the generation val picks
     data = {
         "experiment": "fmnist_selftrain",
         "command": command,
@@ -288,6 +289,9 @@ def write(
         "generations": rows,
         "final_val_acc": final.get("val_acc"),
         "final_test_acc": final.get("test_acc"),
+        "chosen_generation": chosen.get("generation"),
+        "chosen_val_acc": chosen.get("val_acc"),
+        "chosen_test_acc": chosen.get("test_acc"),
         "cpu_seconds": time.process_time() - c0,
         "wall_seconds": time.perf_counter() - t0,
     }
