@@ -11,9 +11,10 @@ improves ImageNet classification", CVPR 2020).
 3. A student, equal or larger, is trained WITH noise (``training.noise``: RandAugment and
    Cutout on the inputs, dropout in the ``Classifier``) on labeled + pseudo-labeled images,
    through ``training.finetune.fit`` (the one training loop).
-4. The student becomes the teacher; repeat ``iterations`` times. ``max_per_class`` may grow
-   per iteration (a curriculum, as in Cascante-Bonilla et al., "Curriculum Labeling", AAAI
-   2021): few, very confident pseudo-labels first, more as the teacher improves.
+4. The student becomes the teacher (through ``make_teacher``: its softmax by default, or e.g.
+   label propagation on its features, ``training.labelprop``); repeat ``iterations`` times.
+   ``max_per_class`` may grow per iteration (a curriculum, as in Cascante-Bonilla et al.,
+   "Curriculum Labeling", AAAI 2021): few, very confident pseudo-labels first, more later.
 
 The pseudo-label step is made of pure numpy functions (``select_confident``,
 ``balance_weights``, ``sharpen``, ``pseudo_label``) so tests check them on hand-built arrays.
