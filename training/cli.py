@@ -164,7 +164,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _finetune(rest: Sequence[str]) -> int:
-    from training.finetune_export import main as finetune_main
+    from training.finetune_cli import main as finetune_main
 
     return finetune_main(list(rest))
 

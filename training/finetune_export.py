@@ -100,6 +100,7 @@ def register_classes(
     class_names: Sequence[str],
     *,
     create: bool = True,
+    chunk: int = 200,
 ) -> dict[str, Any]:
     """Registers every class present in ``labels`` with its images as supports, in
     ``collection`` (created on ``model_name`` first when ``create``); returns the server's
@@ -113,8 +114,11 @@ def register_classes(
         client.create_collection(collection, model_name)
     out: dict[str, Any] = {}
     for c in np.unique(labels):
-        blobs = [png_bytes(images[i]) for i in np.flatnonzero(labels == c)]
-        out[class_names[int(c)]] = client.register(collection, class_names[int(c)], images=blobs)
+        members = np.flatnonzero(labels == c)
+        for start in range(0, members.size, chunk):  # the server caps images per request
+            blobs = [png_bytes(images[i]) for i in members[start : start + chunk]]
+            name = class_names[int(c)]
+            out[name] = client.register(collection, name, images=blobs)
     return out
 
 
@@ -129,95 +133,7 @@ def served_accuracy(
     return hits / max(1, len(images))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Fine-tune on Fashion-MNIST's labeled split, report val/test accuracy, and optionally
-    export the backbone (``--export``) and register the labeled classes (``--server``)."""
-    import argparse
-    import json
-    import sys
+if __name__ == "__main__":  # the CLI lives in training.finetune_cli (protoserve train finetune)
+    from training.finetune_cli import main
 
-    from training.data.fashion_mnist import load_fashion_mnist
-    from training.data.semisup import semisup_split
-    from training.finetune import MODES, FitConfig, accuracy, fit, fmnist_augment
-
-    ap = argparse.ArgumentParser(prog="python -m training.finetune_export")
-    ap.add_argument("--backbone", default="small_vgg", help="a create_backbone name")
-    ap.add_argument("--option", action="append", default=[], help="backbone option k=v (int)")
-    ap.add_argument("--checkpoint", default=None, help="state dict or meta-training checkpoint")
-    ap.add_argument("--mode", choices=MODES, default="two-stage")
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--head-epochs", type=int, default=3)
-    ap.add_argument("--steps-per-epoch", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--backbone-lr-mult", type=float, default=0.1)
-    ap.add_argument("--dropout", type=float, default=0.3)
-    ap.add_argument("--per-class", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--root", default=None, help="Fashion-MNIST IDX folder")
-    ap.add_argument("--export", type=Path, default=None, help="model folder to write")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--server", default=None, help="host:port of a running protoserve")
-    ap.add_argument("--collection", default="fmnist-finetuned")
-    ap.add_argument(
-        "--score-test", action="store_true", help="classify the test set through the server"
-    )
-    args = ap.parse_args(argv)
-    if args.server and not args.export:
-        ap.error("--server needs --export (the collection's model)")
-    options = {k: int(v) for k, v in (o.split("=", 1) for o in args.option)}
-    torch.set_num_threads(args.threads)
-    kw = {"root": args.root} if args.root else {}
-    train = load_fashion_mnist(split="train", **kw)
-    test = load_fashion_mnist(split="test", **kw)
-    split = semisup_split(train.labels, per_class=args.per_class, seed=args.seed)
-    torch.manual_seed(args.seed)
-    backbone = load_backbone(args.backbone, args.checkpoint, 1, **options)
-    model = Classifier.for_backbone(backbone, len(train.classes), (1, 28, 28), args.dropout)
-    cfg = FitConfig(
-        mode=args.mode,
-        epochs=args.epochs,
-        head_epochs=args.head_epochs if args.mode == "two-stage" else 0,
-        steps_per_epoch=args.steps_per_epoch,
-        lr=args.lr,
-        backbone_lr_mult=args.backbone_lr_mult,
-        seed=args.seed,
-    )
-    x, y = train.images[split.labeled], train.labels[split.labeled]
-    val = (train.images[split.val], train.labels[split.val])
-    res = fit(model, x, y, cfg, val=val, augment=fmnist_augment)
-    summary = {
-        "command": "python -m training.finetune_export "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "best_epoch": res.best_epoch,
-        "val_acc": res.best_val_acc,
-        "test_acc": accuracy(model, test.images, test.labels),
-        "cpu_seconds": res.cpu_seconds,
-    }
-    if args.export is not None:
-        folder = export_finetuned(
-            model,
-            args.export,
-            preprocess=train.preprocess,
-            architecture=f"{args.backbone} {options or ''}".strip(),
-            recipe=summary["command"],
-            overwrite=args.overwrite,
-        )
-        summary["exported"] = str(folder.path)
-    if args.server:
-        from server.client import ProtoserveClient
-
-        with ProtoserveClient(args.server) as client:
-            done = register_classes(client, args.collection, folder.name, x, y, train.classes)
-            summary["registered"] = sorted(done)
-            if args.score_test:
-                names = [test.classes[i] for i in test.labels]
-                summary["served_test_acc"] = served_accuracy(
-                    client, args.collection, test.images, names
-                )
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -24,7 +24,8 @@ needs_run = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run
 class Running:
     def __init__(self, data_dir: Path, **cfg: Any) -> None:
         cfg.setdefault("workers", 4)
-        self.cfg = ServerConfig(port=0, data_dir=data_dir, model_repo=ROOT / "models", **cfg)
+        cfg.setdefault("model_repo", ROOT / "models")
+        self.cfg = ServerConfig(port=0, data_dir=data_dir, **cfg)
         self.server: ProtoserveServer
         self.server, self.port = build_server(self.cfg)
         self.server.start()

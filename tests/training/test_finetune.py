@@ -321,7 +321,7 @@ def test_cli_fine_tunes_and_exports(tmp_path: Path, capsys: pytest.CaptureFixtur
     import json
 
     from training.data.fashion_mnist import DEFAULT_ROOT
-    from training.finetune_export import main
+    from training.finetune_cli import main
 
     if not DEFAULT_ROOT.is_dir():
         pytest.skip(f"no Fashion-MNIST at {DEFAULT_ROOT}")
