@@ -152,7 +152,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPERIMENTS = ("fmnist-baseline", "fmnist-rotation", "fmnist-selftrain", "fmnist-active")
+EXPERIMENTS = (
+    "fmnist-baseline",
+    "fmnist-rotation",
+    "fmnist-selftrain",
+    "fmnist-active",
+    "fmnist-fixmatch",
+)
 
 
 def _experiment(args: argparse.Namespace) -> int:

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from training.finetune import Classifier, accuracy  # noqa: E402
+from training.fixmatch import (  # noqa: E402
+    FixMatchConfig,
+    align,
+    ema_update,
+    fixmatch,
+    fixmatch_loss,
+    lr_at,
+    pseudo_labels,
+)
+
+
+def test_pseudo_labels_mask_and_threshold_exact() -> None:
+    logits = torch.tensor(
+        [
+            [4.0, 0.0, 0.0],  # p0 = e^4 / (e^4 + 2) = 0.9647...: kept at 0.95
+            [0.0, 2.0, 0.0],  # p1 = 0.787: dropped
+            [1.0, 1.0, -5.0],  # tie: lowest class, p = 0.4988: dropped
+            [0.0, 0.0, 10.0],  # kept
+        ]
+    )
+    probs = torch.softmax(logits, 1)
+    label, conf, mask = pseudo_labels(probs, 0.95)
+    assert label.tolist() == [0, 1, 0, 2]
+    assert conf[0].item() == pytest.approx(np.exp(4) / (np.exp(4) + 2))
+    assert mask.tolist() == [1.0, 0.0, 0.0, 1.0]
+    # the threshold is inclusive
+    exact = torch.tensor([[0.95, 0.05], [0.9499, 0.0501]])
+    assert pseudo_labels(exact, 0.95)[2].tolist() == [1.0, 0.0]
+    assert pseudo_labels(exact, 0.0)[2].tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError):
+        pseudo_labels(probs, 1.5)
+
+
+def test_masked_rows_do_not_contribute_to_the_unlabeled_loss() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    model.num_classes = 3  # type: ignore[assignment]
+    xl, yl = torch.randn(2, 1, 2, 2), torch.tensor([0, 1])
+    xu = torch.randn(5, 1, 2, 2)
+    cfg = FixMatchConfig(tau=1.0, lambda_u=1.0)  # nothing reaches probability 1
+    loss, st = fixmatch_loss(model, xl, yl, xu, xu, cfg)
+    assert st["mask"] == 0.0 and st["loss_u"] == 0.0
+    assert loss.item() == pytest.approx(nn.functional.cross_entropy(model(xl), yl).item())
+    _, st0 = fixmatch_loss(model, xl, yl, xu, xu, FixMatchConfig(tau=0.0))
+    assert st0["mask"] == 1.0 and st0["loss_u"] > 0
+
+
+def test_distribution_alignment_exact() -> None:
+    p = torch.tensor([[0.5, 0.5], [0.8, 0.2]])
+    mean = torch.tensor([0.8, 0.2])
+    prior = torch.tensor([0.5, 0.5])
+    q = align(p, mean, prior)
+    # row 0: [0.5/0.8, 0.5/0.2] = [0.625, 2.5] -> [0.2, 0.8]; row 1: [1, 1] -> [0.5, 0.5]
+    assert torch.allclose(q, torch.tensor([[0.2, 0.8], [0.5, 0.5]]))
+
+
+def test_ema_update_exact_on_a_tiny_model() -> None:
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    ema = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 2.0]]))
+        model[0].bias.fill_(3.0)
+        ema[0].weight.copy_(torch.tensor([[0.0, 4.0]]))
+        ema[0].bias.fill_(-1.0)
+        model[1].running_mean.fill_(7.0)
+    ema_update(ema, model, 0.75)
+    assert ema[0].weight.tolist() == [[0.25, 3.5]]  # 0.75 * [0, 4] + 0.25 * [1, 2]
+    assert ema[0].bias.tolist() == [0.0]  # 0.75 * -1 + 0.25 * 3
+    assert ema[1].running_mean.tolist() == [7.0]  # buffers copied
+    ema_update(ema, model, 0.0)
+    assert ema[0].weight.tolist() == [[1.0, 2.0]]
+
+
+def test_cosine_schedule() -> None:
+    cfg = FixMatchConfig(steps=16, lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(16, cfg) == pytest.approx(0.1 * np.cos(7 * np.pi / 16))
+    assert lr_at(5, FixMatchConfig(steps=16, lr=0.1, cosine=False)) == 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"steps": 0},
+        {"mu": 0},
+        {"tau": 1.2},
+        {"lambda_u": -1.0},
+        {"lr": 0.0},
+        {"ema": 1.0},
+        {"magnitude": 11.0},
+        {"cutout": 2.0},
+        {"momentum": 1.0},
+    ],
+)
+def test_bad_config_raises(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        FixMatchConfig(**kwargs)
+
+
+def _toy(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes of 8x8 images: a bright top half or a bright bottom half."""
+    y = rng.integers(0, 2, n)
+    x = rng.integers(0, 60, (n, 1, 8, 8))
+    for i, c in enumerate(y):
+        rows = slice(0, 4) if c == 0 else slice(4, 8)
+        x[i, 0, rows] += 180
+    return x.astype(np.uint8), y
+
+
+def _tiny_model() -> Classifier:
+    backbone = nn.Sequential(
+        nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8)
+    )
+    return Classifier(backbone, 8, 2)
+
+
+def test_a_few_steps_learn_tiny_data_and_resume(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    xl, yl = _toy(8, rng)
+    xu, yu = _toy(200, rng)
+    xv, yv = _toy(100, rng)
+    torch.manual_seed(0)
+    model = _tiny_model()
+    before = accuracy(model, xv, yv)
+    cfg = FixMatchConfig(
+        steps=40, batch_size=8, mu=2, lr=0.05, ema=0.9, eval_every=20, progress=False,
+        tau=0.8, dist_align=True, shift=1, magnitude=3.0, cutout=0.25,
+    )  # fmt: skip
+    truth = np.where(np.arange(200) < 100, yu, -1)
+    res = fixmatch(model, xl, yl, xu, cfg, val=(xv, yv), unlabeled_truth=truth)
+    assert [r["step"] for r in res.history] == [20, 40]
+    assert res.history[-1]["loss_x"] < res.history[0]["loss_x"] or res.best_val_acc > 0.9
+    assert res.best_val_acc >= 0.8 > before or res.best_val_acc >= 0.9
+    assert accuracy(res.model, xv, yv) == pytest.approx(res.best_val_acc)
+    assert res.best_step in (20, 40)
+    # resumable: a run interrupted after its first evaluation and resumed from the
+    # checkpoint of step 20 ends exactly like an uninterrupted one
+    torch.manual_seed(0)
+    full = fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv))
+
+    class Stop(Exception):
+        pass
+
+    def stop(row: dict, ema: nn.Module) -> None:
+        if row["step"] == 40:  # after the checkpoint of step 20, before that of step 40
+            raise Stop
+
+    ck = tmp_path / "ck.pt"
+    torch.manual_seed(0)
+    with pytest.raises(Stop):
+        fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv), checkpoint=ck, on_eval=stop)
+    assert torch.load(ck, weights_only=False)["step"] == 20
+    resumed = fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv), checkpoint=ck)
+    keys = ("step", "loss", "mask", "val_acc")
+    assert [[r[k] for k in keys] for r in resumed.history] == [
+        [r[k] for k in keys] for r in full.history
+    ]
+    with pytest.raises(ValueError, match="another config"):
+        fixmatch(_tiny_model(), xl, yl, xu, FixMatchConfig(steps=41), checkpoint=ck)
+
+
+def test_bad_inputs_raise() -> None:
+    rng = np.random.default_rng(0)
+    xl, yl = _toy(4, rng)
+    cfg = FixMatchConfig(steps=1, progress=False)
+    with pytest.raises(ValueError):
+        fixmatch(_tiny_model(), xl, yl[:3], xl, cfg)
+    with pytest.raises(ValueError):
+        fixmatch(_tiny_model(), xl, yl + 5, xl, cfg)
+    with pytest.raises(ValueError):
+        fixmatch(_tiny_model(), xl.astype(np.float32), yl, xl, cfg)
