@@ -54,7 +54,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--widths", type=_ints, default=(16,), help="student width per generation")
     ap.add_argument("--dropout", type=float, default=0.3)
     # pseudo-labels
-    ap.add_argument("--per-class", type=_ints, default=(6000, 6000))
+    ap.add_argument("--per-class", type=_ints, default=(6000,))
     ap.add_argument("--threshold", type=float, default=0.0)
     ap.add_argument("--soft", action="store_true")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -75,7 +75,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--cutout", type=float, default=0.5)
     ap.add_argument("--teacher-epochs", type=int, default=8)
     ap.add_argument("--teacher-steps", type=int, default=50, help="steps per teacher epoch")
-    ap.add_argument("--epochs", type=int, default=10, help="student epochs per generation")
+    ap.add_argument("--epochs", type=int, default=20, help="student epochs per generation")
     ap.add_argument("--steps", type=int, default=120, help="steps per student epoch")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
