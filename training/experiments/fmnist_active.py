@@ -8,15 +8,19 @@ recorded. Nine rounds: 100, 200, ..., 1,000 labels.
 
 - Pool: the 60,000 training images minus the 100 start labels minus the split's 5,000
   validation images (54,900). The validation labels chose the recipe (``--tune``, before any
-  loop ran) and are never labeled by a strategy; there is no early stopping in the loop.
-- Model: ``fmnist_classifier`` (SmallVGG) with dropout before the linear head; a fixed number of
-  AdamW steps per fit (cosine schedule), so each round costs the same. MC dropout samples that
-  head dropout (backbone features computed once), ``--mc-samples`` passes over the whole pool.
+  loop ran) and, with ``--val-stop N``, each fit's best epoch (on N of them); they are never
+  labeled by a strategy. Without ``--val-stop`` each fit keeps its last weights.
+- Model: ``training.finetune.Classifier`` on ``strided_cnn`` (the default; ``--arch small_vgg``
+  for ``fmnist_classifier``) with dropout before the linear head; a fixed number of AdamW steps
+  per fit (cosine schedule), so each round costs the same. MC dropout samples that head
+  dropout (backbone features computed once), ``--mc-samples`` passes over the whole pool.
 - The test set is only scored (once per round), never used for a choice.
 
-    python -m training.experiments.fmnist_active --tune --seed 0 --out runs/fmnist_active
-    python -m training.experiments.fmnist_active --seed 0 --out runs/fmnist_active
-    python -m training.experiments.fmnist_active --summarize --seeds 0 1 2 --out runs/fmnist_active
+    python -m training.experiments.fmnist_active --tune --arch strided --seed 0 --out DIR
+    python -m training.experiments.fmnist_active --seed 0 --out DIR
+    python -m training.experiments.fmnist_active --summarize --seeds 0 1 2 --out DIR
+
+Results and every command: docs/results/active.md.
 
 One run per (seed, strategy) is written to ``OUT/seed{S}/{strategy}.json`` as it finishes
 (an existing one is skipped, so an interrupted run resumes); ``--summarize`` averages the seeds
