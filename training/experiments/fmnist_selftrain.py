@@ -75,7 +75,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--cutout", type=float, default=0.5)
     ap.add_argument("--teacher-epochs", type=int, default=8)
     ap.add_argument("--teacher-steps", type=int, default=50, help="steps per teacher epoch")
-    ap.add_argument("--epochs", type=int, default=20, help="student epochs per generation")
+    ap.add_argument("--epochs", type=int, default=40, help="student epochs per generation")
     ap.add_argument("--steps", type=int, default=120, help="steps per student epoch")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
