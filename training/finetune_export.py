@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.data.pixels import png_bytes
 from training.finetune import Classifier
 
 
@@ -77,18 +77,6 @@ def export_finetuned(
         metric="cosine",
         overwrite=overwrite,
     )
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """One uint8 [C, H, W] image (C = 1 or 3) as PNG bytes."""
-    from PIL import Image
-
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"need a uint8 [1|3, H, W] image, got {image.dtype} {image.shape}")
-    arr = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def register_classes(

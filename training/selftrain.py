@@ -22,13 +22,14 @@ The pseudo-label step is made of pure numpy functions (``select_confident``,
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
+from training.data.pixels import png_bytes
 
 Teacher = Callable[[np.ndarray], np.ndarray]  # uint8 [N, C, H, W] -> probabilities [N, K]
 
@@ -170,18 +171,6 @@ def model_teacher(model: Any, *, flip_tta: bool = False, batch_size: int = 1024)
     return teach
 
 
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] not in (1, 3):
-        raise ValueError(f"server_teacher needs uint8 [1 or 3, H, W] images, got {arr.shape}")
-    img = Image.fromarray(arr[0]) if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
 def scores_to_probs(
     results: Sequence[Any], classes: Sequence[str], temperature: float | None = None
 ) -> np.ndarray:
@@ -236,7 +225,7 @@ def server_teacher(
             raise ValueError(f"collection {collection!r} needs >= 2 classes, has {names}")
         parts = []
         for i in range(0, len(x), batch_size):
-            imgs = [_png(im) for im in x[i : i + batch_size]]
+            imgs = [png_bytes(im) for im in x[i : i + batch_size]]
             res = client.classify(collection, imgs, top_k=len(names))
             parts.append(scores_to_probs(res, names, temperature))
         return np.concatenate(parts) if parts else np.zeros((0, len(names)), np.float32)

@@ -255,12 +255,8 @@ def test_export_and_register_into_a_running_server(tmp_path: Path) -> None:
     from server.client import ProtoserveClient
     from server.config import ServerConfig
     from server.grpc.app import build_server
-    from training.finetune_export import (
-        export_finetuned,
-        png_bytes,
-        register_classes,
-        served_accuracy,
-    )
+    from training.data.pixels import png_bytes
+    from training.finetune_export import export_finetuned, register_classes, served_accuracy
 
     x, y = tiny_set(6)
     pre = _fmnist_pre(SIZE)  # Fashion-MNIST's preprocess config at 12x12

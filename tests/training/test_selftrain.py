@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from training.data.pixels import png_bytes  # noqa: E402
 from training.finetune import Classifier, FitConfig, accuracy  # noqa: E402
 from training.labelprop import knn_graph, label_propagation  # noqa: E402
 from training.noise import OPS, Noise, apply_op, cutout, rand_augment, weak_augment  # noqa: E402
@@ -402,13 +403,3 @@ def test_server_teacher_turns_the_served_scores_into_probabilities(tmp_path: Pat
             assert server_teacher(client, "bars")(big[:2]).shape == (2, len(listed))
     finally:
         server.stop(grace=5)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[0]).save(buf, "PNG")
-    return buf.getvalue()

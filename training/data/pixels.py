@@ -6,6 +6,7 @@ so a model sees the same pixels in training as when the server feeds it the same
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,3 +35,16 @@ def _stack(rows: list[np.ndarray], shape: tuple[int, int, int]) -> np.ndarray:
     if not rows:
         return np.zeros((0, *shape), dtype=np.uint8)
     return np.stack(rows)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One uint8 [C, H, W] image (C = 1 or 3) as PNG bytes: how training code sends the pixels
+    it holds to a server (registration, classification, a server-side teacher)."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] not in (1, 3):
+        raise ValueError(f"need a uint8 [1 or 3, H, W] image, got {arr.dtype} {arr.shape}")
+    hwc = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+    img = Image.fromarray(np.ascontiguousarray(hwc))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
