@@ -308,12 +308,13 @@ def _score_batch(classify: Classify, batch: list[tuple[str, Path]]) -> list[Row]
 def _batches(
     items: Iterator[tuple[str, Path]], done: set[str], n: int
 ) -> Iterator[list[tuple[str, Path]]]:
+    """Batches of ``n`` inputs whose keys are not in ``done``. Each key yielded joins ``done``,
+    so a key listed twice in a manifest is scored once, with one set of keys in memory."""
     batch: list[tuple[str, Path]] = []
-    seen: set[str] = set()  # a key listed twice in a manifest is scored once
     for key, path in items:
-        if key in done or key in seen:
+        if key in done:
             continue
-        seen.add(key)
+        done.add(key)
         batch.append((key, path))
         if len(batch) >= n:
             yield batch
@@ -345,7 +346,7 @@ def score(
             parquet_to_jsonl(out, sidecar)  # resume: rows of a finished Parquet are done
     items = iter_inputs(source)  # raises ScoreError for a bad input before anything runs
     writer = _Writer(sidecar)
-    counts = {"scored": 0, "errors": 0, "skipped": len(writer.done)}
+    counts = {"scored": 0, "errors": 0, "skipped": len(writer.done)}  # before _batches adds
     from tqdm import tqdm
 
     total = _count(source) if progress else None
