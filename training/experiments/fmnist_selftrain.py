@@ -51,6 +51,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     # models
     ap.add_argument("--teacher-width", type=int, default=16)
+    ap.add_argument(
+        "--teacher-checkpoint",
+        type=Path,
+        default=None,
+        help="generation 0 from a file instead of training it: a fmnist_fixmatch checkpoint.pt "
+        "(its val-chosen EMA weights) or a Classifier state dict",
+    )
+    ap.add_argument(
+        "--teacher-arch",
+        choices=("strided", "small_vgg"),
+        default="strided",
+        help="with --teacher-checkpoint: its network (width: --teacher-width)",
+    )
     ap.add_argument("--widths", type=_ints, default=(16,), help="student width per generation")
     ap.add_argument("--dropout", type=float, default=0.3)
     # pseudo-labels
@@ -192,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.propagate:
         make_teacher = propagation_teacher(x_lab, y_lab, args.propagate, args.pca)
 
+    teacher = None
+    if args.teacher_checkpoint is not None:
+        teacher = load_teacher(args.teacher_checkpoint, args.teacher_arch, args.teacher_width)
+        record(0, teacher)
+
     result = noisy_student(
         make_model,
         x_lab,
@@ -205,10 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         val=val,
         on_generation=record,
         on_pseudo_labels=pseudo_stats,
+        teacher=teacher,
         make_teacher=make_teacher,
         log=lambda msg: print(msg, flush=True),
     )
-    for row, gen in zip(rows, result.generations, strict=True):
+    trained = rows[1:] if teacher is not None else rows  # a loaded teacher has no fit record
+    for row, gen in zip(trained, result.generations, strict=True):
         row.update(
             n_pseudo=gen.n_pseudo,
             per_class=gen.per_class,
@@ -221,6 +241,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"total: {time.process_time() - c0:.0f} CPU s, {time.perf_counter() - t0:.0f} wall s")
     print(f"wrote {path}")
     return 0
+
+
+def load_teacher(path: Path, arch: str, width: int) -> Any:
+    """A ``Classifier`` for generation 0 from ``path``: a ``fmnist_fixmatch`` checkpoint (its
+    best-on-validation EMA weights) or a plain state dict."""
+    from training.finetune import Classifier
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "best" in state and "ema" in state:
+        state = state["best"]["state"]
+    if arch == "strided":
+        from training.experiments.fmnist_active import strided_cnn
+
+        model = Classifier(strided_cnn(width), 128, 10, 0.0)
+    else:
+        model = fmnist_classifier(10, dropout=0.0, width=width)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
