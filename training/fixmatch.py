@@ -180,7 +180,8 @@ def describe(row: dict[str, Any]) -> str:
         f"step {row['step']}: loss {row['loss']:.3f} (x {row['loss_x']:.3f}, "
         f"u {row['loss_u']:.3f}) mask {row['mask']:.3f} "
         f"pseudo-label precision {row['pseudo_precision_known']:.3f} "
-        f"val {row['val_acc']:.4f} cpu {row['cpu_seconds']:.0f}s"
+        f"val {row['val_acc']:.4f} (raw weights {row.get('val_acc_model', float('nan')):.4f}) "
+        f"cpu {row['cpu_seconds']:.0f}s"
     )
 
 

@@ -44,7 +44,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--arch", choices=("strided", "small_vgg"), default="strided")
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--dropout", type=float, default=0.0)
-    ap.add_argument("--steps", type=int, default=9000)
+    ap.add_argument("--steps", type=int, default=15000)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--mu", type=int, default=d.mu)
     ap.add_argument("--tau", type=float, default=d.tau)
