@@ -85,11 +85,21 @@ def feature_dim_of(backbone: nn.Module, input_shape: tuple[int, int, int]) -> in
     return int(out.flatten(1).shape[1])
 
 
-def fmnist_classifier(num_classes: int = 10, dropout: float = 0.0, width: int = 32) -> Classifier:
-    """The default small CNN for 28x28 grayscale (``SmallVGG``, ``4 * width`` features)."""
-    from training.backbones.small_vgg import SmallVGG
+FMNIST_ARCHS = ("small_vgg", "strided")
 
-    return Classifier(SmallVGG(1, width), 4 * width, num_classes, dropout)
+
+def fmnist_classifier(
+    num_classes: int = 10, dropout: float = 0.0, width: int = 32, arch: str = "small_vgg"
+) -> Classifier:
+    """A small CNN for 28x28 grayscale: ``SmallVGG`` (default, ``4 * width`` features) or the
+    cheaper LeNet-sized ``StridedCNN`` (128 features)."""
+    from training.backbones import small_vgg, strided
+
+    if arch == "small_vgg":
+        return Classifier(small_vgg.SmallVGG(1, width), 4 * width, num_classes, dropout)
+    if arch == "strided":
+        return Classifier(strided.StridedCNN(1, width), strided.FEATURES, num_classes, dropout)
+    raise ValueError(f"arch must be one of {FMNIST_ARCHS}, got {arch!r}")
 
 
 # -- augmentation ------------------------------------------------------------------------

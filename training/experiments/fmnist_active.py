@@ -10,8 +10,8 @@ recorded. Nine rounds: 100, 200, ..., 1,000 labels.
   validation images (54,900). The validation labels chose the recipe (``--tune``, before any
   loop ran) and, with ``--val-stop N``, each fit's best epoch (on N of them); they are never
   labeled by a strategy. Without ``--val-stop`` each fit keeps its last weights.
-- Model: ``training.finetune.Classifier`` on ``strided_cnn`` (the default; ``--arch small_vgg``
-  for ``fmnist_classifier``) with dropout before the linear head; a fixed number of AdamW steps
+- Model: ``training.finetune.fmnist_classifier``: ``StridedCNN`` (the default) or, with
+  ``--arch small_vgg``, SmallVGG, with dropout before the linear head; a fixed number of AdamW steps
   per fit (cosine schedule), so each round costs the same. MC dropout samples that head
   dropout (backbone features computed once), ``--mc-samples`` passes over the whole pool.
 - The test set is only scored (once per round), never used for a choice.
@@ -44,29 +44,7 @@ import numpy as np
 from training.active import NEEDS, STRATEGIES, simulate
 
 START, BUDGET, ROUNDS = 100, 100, 9
-
-
-ARCHS = ("strided", "small_vgg")
-
-
-def strided_cnn(width: int = 32) -> Any:
-    """A LeNet-sized backbone, cheap enough to score the whole pool every round on one core:
-    5x5 stride-2 conv (``width``) and 3x3 stride-2 conv (``2 * width``), each with batch norm
-    and ReLU (28 -> 14 -> 7), then a 128-unit ReLU layer: a 128-d embedding."""
-    from torch import nn
-
-    w = width
-    return nn.Sequential(
-        nn.Conv2d(1, w, 5, 2, 2, bias=False),
-        nn.BatchNorm2d(w),
-        nn.ReLU(),
-        nn.Conv2d(w, 2 * w, 3, 2, 1, bias=False),
-        nn.BatchNorm2d(2 * w),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(2 * w * 7 * 7, 128),
-        nn.ReLU(),
-    )
+ARCHS = ("strided", "small_vgg")  # training.finetune.FMNIST_ARCHS (no torch import for --help)
 
 
 @dataclass(frozen=True)
@@ -98,13 +76,10 @@ def fit_model(
     accuracy is restored (early stopping by checkpoint choice, ``FitConfig`` patience off)."""
     import torch
 
-    from training.finetune import Classifier, FitConfig, fit, fmnist_augment, fmnist_classifier
+    from training.finetune import FitConfig, fit, fmnist_augment, fmnist_classifier
 
     torch.manual_seed(seed)
-    if recipe.arch == "small_vgg":
-        model = fmnist_classifier(10, dropout=recipe.dropout, width=recipe.width)
-    else:
-        model = Classifier(strided_cnn(recipe.width), 128, 10, recipe.dropout)
+    model = fmnist_classifier(10, dropout=recipe.dropout, width=recipe.width, arch=recipe.arch)
     cfg = FitConfig(
         mode="full",
         epochs=recipe.epochs,

@@ -62,11 +62,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> Classifier:
-    if args.arch == "strided":
-        from training.experiments.fmnist_active import strided_cnn
-
-        return Classifier(strided_cnn(args.width), 128, 10, args.dropout)
-    return fmnist_classifier(10, args.dropout, args.width)
+    return fmnist_classifier(10, args.dropout, args.width, arch=args.arch)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

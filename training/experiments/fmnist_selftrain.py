@@ -246,17 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def load_teacher(path: Path, arch: str, width: int) -> Any:
     """A ``Classifier`` for generation 0 from ``path``: a ``fmnist_fixmatch`` checkpoint (its
     best-on-validation EMA weights) or a plain state dict."""
-    from training.finetune import Classifier
-
     state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, dict) and "best" in state and "ema" in state:
         state = state["best"]["state"]
-    if arch == "strided":
-        from training.experiments.fmnist_active import strided_cnn
-
-        model = Classifier(strided_cnn(width), 128, 10, 0.0)
-    else:
-        model = fmnist_classifier(10, dropout=0.0, width=width)
+    model = fmnist_classifier(10, dropout=0.0, width=width, arch=arch)
     model.load_state_dict(state)
     return model.eval()
 
