@@ -118,8 +118,9 @@ def new_characters(n: int) -> list[tuple[str, list[bytes]]]:
 # -- ceiling ------------------------------------------------------------------------------------
 def measure_ceiling(images: list[bytes], seconds: float) -> tuple[int, float, dict[int, float]]:
     """(best batch size, its images/s, images/s per batch size): decode + embed + score."""
+    from server.methods import Distribution, score
     from server.model_repo import ModelRepository
-    from server.pipeline import Distribution, Pipeline, PipelineOptions
+    from server.pipeline import Pipeline, PipelineOptions
     from server.registry import Registry
 
     tmp = Path(tempfile.mkdtemp(prefix="protoserve-ceiling-"))
@@ -136,7 +137,10 @@ def measure_ceiling(images: list[bytes], seconds: float) -> tuple[int, float, di
         def once(batch: list[bytes]) -> None:
             pixels = m.pre.preprocess_bytes(batch)
             q = m.runtime.encode_images(pixels)
-            labels, probs, scores = pipeline._score(coll, m, "prototype", q)
+            index = registry.index(coll.name)
+            labels, probs, scores = score(
+                coll, index, "prototype", q, m.logit_scale, pipeline.options.knn_k
+            )
             d = Distribution(coll, labels, probs, scores, q)
             for i in range(len(batch)):
                 d.result(i, k)

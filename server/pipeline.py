@@ -14,12 +14,10 @@ normalised neighbour votes themselves for ``knn``.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +26,7 @@ from server.batching import BatcherStats, DynamicBatcher
 from server.errors import ServingError
 from server.imaging import ImageDecodeError, Preprocessor
 from server.imaging.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from server.methods import Distribution, ImageResult, Prediction, check_hybrid_metric, score
 from server.model_repo import ModelFolder, ModelRepository
 from server.prompts import PromptError, class_embedding
 from server.registry import (
@@ -42,7 +41,7 @@ from server.registry import (
     SupportInput,
     image_hash,
 )
-from server.registry.records import METHODS, Kind, Method
+from server.registry.records import METHODS, Method
 from server.runtimes.base import Runtime
 from server.runtimes.onnx_rt import OnnxConfig, OnnxRuntime
 
@@ -81,55 +80,12 @@ class PipelineOptions:
 
 
 @dataclass(frozen=True)
-class Prediction:
-    label: str
-    score: float
-    probability: float
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    predictions: tuple[Prediction, ...]
-    entropy: float
-    margin: float
-    unknown: bool
-
-
-@dataclass(frozen=True)
 class Embeddings:
     """``Pipeline.embed``'s answer: [N, dim] image and [M, dim] text embeddings."""
 
     images: FloatArray
     texts: FloatArray
     dim: int
-
-
-@dataclass(frozen=True)
-class Distribution:
-    """``Pipeline.distribution``'s answer for N images over the collection's C classes."""
-
-    collection: Collection
-    labels: tuple[str, ...]  # the classes, in column order
-    probs: npt.NDArray[np.float64]  # [N, C]: softmax (knn: the normalised votes)
-    scores: npt.NDArray[np.float64]  # [N, C]: the method's raw scores
-    embeddings: FloatArray  # [N, dim]: the images as the model embedded them
-
-    @property
-    def size(self) -> int:
-        return int(self.embeddings.shape[0])
-
-    def result(self, i: int, k: int) -> ImageResult:
-        """Image ``i``'s top ``k``, entropy (nats), margin and open-set flag."""
-        probs, scores, labels = self.probs[i], self.scores[i], self.labels
-        order = np.argsort(-probs, kind="stable")
-        top = order[:k]
-        preds = tuple(Prediction(labels[j], float(scores[j]), float(probs[j])) for j in top)
-        p = probs[probs > 0]
-        entropy = float(-(p * np.log(p)).sum())
-        p1 = float(probs[order[0]])
-        p2 = float(probs[order[1]]) if len(order) > 1 else 0.0
-        threshold = self.collection.threshold
-        return ImageResult(preds, entropy, p1 - p2, threshold is not None and p1 < threshold)
 
 
 @dataclass(frozen=True)
@@ -159,12 +115,6 @@ class _Model:
     def _encode(self, items: list[FloatArray]) -> list[FloatArray]:
         out = self.runtime.encode_images(np.stack(items))
         return list(out)
-
-
-def _softmax(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    z = x - np.max(x, axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
 
 class Pipeline:
@@ -228,7 +178,7 @@ class Pipeline:
         chosen = method or "prototype"
         self._check_method(m, chosen)
         chosen_metric = metric or m.folder.manifest.scoring.metric
-        _check_hybrid_metric(chosen, chosen_metric)
+        check_hybrid_metric(chosen, chosen_metric)
         spec = CollectionSpec(
             name=name,
             model=model,
@@ -430,69 +380,16 @@ class Pipeline:
         m = self.model(coll.model)
         chosen: Method = method or coll.method
         self._check_method(m, chosen)
-        _check_hybrid_metric(chosen, coll.metric)
+        check_hybrid_metric(chosen, coll.metric)
         queries = self.embed_images(m, images) if pixels is None else self.embed_pixels(m, pixels)
         if not len(queries):
             empty = np.zeros((0, 0), np.float64)
             return Distribution(coll, (), empty, empty, queries)
-        labels, probs, scores = self._score(coll, m, chosen, queries)
-        return Distribution(coll, labels, probs, scores, queries)
-
-    def _score(
-        self, coll: Collection, m: _Model, method: Method, q: FloatArray
-    ) -> tuple[tuple[str, ...], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         index = self.registry.index(coll.name)
-        if method == "knn":
-            cs = index.knn(q, self.options.knn_k)
-            if not cs.labels:
-                raise FailedPrecondition(
-                    f"collection {coll.name!r} has no image classes to score with 'knn'"
-                )
-            votes = cs.scores.astype(np.float64)
-            return cs.labels, votes, votes
-        kind: Kind = "image" if method == "prototype" else "text"
-        cs = index.class_scores(q, kind)
-        scores = cs.scores.astype(np.float64)
-        if not cs.labels:
-            raise FailedPrecondition(
-                f"collection {coll.name!r} has no {kind} classes to score with {method!r}"
-            )
-        logits = m.logit_scale * scores
-        if method == "hybrid":
-            logits = logits + self._cache_logits(coll, index, q, cs.class_ids)
-        return cs.labels, _softmax(logits), scores
-
-    @staticmethod
-    def _cache_logits(
-        coll: Collection, index: Any, q: FloatArray, class_ids: npt.NDArray[np.int64]
-    ) -> npt.NDArray[np.float64]:
-        """Tip-Adapter's cache term: alpha * exp(-beta * (1 - f K^T)) V over image supports."""
-        out = np.zeros((q.shape[0], len(class_ids)), np.float64)
-        n = index.num_supports()
-        if n == 0:
-            return out
-        nb = index.nearest_supports(q, n)
-        col = {int(c): j for j, c in enumerate(class_ids)}
-        for i in range(q.shape[0]):
-            for s, c in zip(nb.scores[i], nb.class_ids[i], strict=True):
-                j = col.get(int(c))
-                if j is not None and math.isfinite(float(s)):
-                    out[i, j] += math.exp(-coll.hybrid_beta * (1.0 - float(s)))
-        return coll.hybrid_alpha * out
-
-
-def _check_hybrid_metric(method: str, metric: str) -> None:
-    """Tip-Adapter's cache term needs cosine affinities between unit-norm image embeddings.
-
-    An l2 collection's support index holds raw vectors and yields negative squared distances,
-    where ``exp(-beta * (1 - score))`` all but vanishes, so ``hybrid`` would silently score
-    as ``zero-shot``; refuse it instead.
-    """
-    if method == "hybrid" and metric == "l2":
-        raise FailedPrecondition(
-            f"method 'hybrid' needs metric 'cosine' (Tip-Adapter's cache term uses cosine "
-            f"affinities), not {metric!r}; use 'zero-shot' or a cosine collection"
+        labels, probs, scores = score(
+            coll, index, chosen, queries, m.logit_scale, self.options.knn_k
         )
+        return Distribution(coll, labels, probs, scores, queries)
 
 
 def _unit(x: FloatArray) -> FloatArray:
