@@ -68,3 +68,12 @@ def still_serving(stub: pb_grpc.ProtoserveStub, name: str = "run01") -> None:
     img = training_images()[0].read_bytes()
     resp = stub.Classify(pb.ClassifyRequest(collection=name, images=[img]))
     assert len(resp.results) == 1 and resp.results[0].predictions
+
+
+def fails(call: Any, code: grpc.StatusCode, *words: str) -> None:
+    """``call()`` raises an RpcError with status ``code`` whose details contain ``words``."""
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    assert e.value.code() == code, e.value.details()
+    for w in words:
+        assert w in e.value.details(), e.value.details()

@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import pytest
 from PIL import Image
 
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
@@ -19,6 +18,7 @@ from tests.grpc.support import (
     MODEL,
     Running,
     create,
+    fails,
     needs_run,
     register,
     still_serving,
@@ -39,14 +39,6 @@ def _server(tmp_path: Path, **cfg: Any) -> Iterator[Running]:
         r.close()
 
 
-def _fails(call: Any, code: grpc.StatusCode, *words: str) -> None:
-    with pytest.raises(grpc.RpcError) as e:
-        call()
-    assert e.value.code() == code, e.value.details()
-    for w in words:
-        assert w in e.value.details(), e.value.details()
-
-
 def _png(width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((height, width), np.uint8)).save(buf, "PNG")
@@ -60,25 +52,25 @@ def test_message_size_images_per_request_and_pixels(tmp_path: Path) -> None:
         stub = r.stub
         img = training_images()[0].read_bytes()
         big = b"\0" * 300_000
-        _fails(
+        fails(
             lambda: stub.Classify(pb.ClassifyRequest(collection="run01", images=[big])),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "larger than max",
         )
         still_serving(stub)
-        _fails(
+        fails(
             lambda: stub.Classify(pb.ClassifyRequest(collection="run01", images=[img] * 4)),
             grpc.StatusCode.INVALID_ARGUMENT,
             "4 images",
             "max_images_per_request",
         )
-        _fails(
+        fails(
             lambda: stub.Embed(pb.EmbedRequest(model=MODEL, images=[img] * 4)),
             grpc.StatusCode.INVALID_ARGUMENT,
             "limit is 3",
         )
         still_serving(stub)
-        _fails(
+        fails(
             lambda: stub.Classify(
                 pb.ClassifyRequest(collection="run01", images=[img, _png(121, 120)])
             ),
@@ -86,7 +78,7 @@ def test_message_size_images_per_request_and_pixels(tmp_path: Path) -> None:
             "image 1",
             "121x120",
         )
-        _fails(
+        fails(
             lambda: register(stub, "run01", "b", _png(200, 200)),
             grpc.StatusCode.INVALID_ARGUMENT,
             "image 0",
@@ -100,7 +92,7 @@ def test_classes_per_collection(tmp_path: Path) -> None:
         stub = r.stub
         imgs = [p.read_bytes() for p in training_images()[:3]]
         register(stub, "run01", "b", imgs[1])
-        _fails(
+        fails(
             lambda: register(stub, "run01", "c", imgs[2]),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "'c'",
@@ -146,7 +138,7 @@ def test_queue_full_is_resource_exhausted(tmp_path: Path) -> None:
             queued = stub.Classify.future(pb.ClassifyRequest(collection="run01", images=[img] * 2))
             while model.batcher.stats().queue_depth < 2:  # the queue (2) is now full
                 threading.Event().wait(0.01)
-            _fails(
+            fails(
                 lambda: stub.Classify(pb.ClassifyRequest(collection="run01", images=[img])),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "queue full",

@@ -29,6 +29,7 @@ from tests.grpc.support import (
     RUN,
     Running,
     create,
+    fails,
     needs_run,
     register,
     still_serving,
@@ -108,14 +109,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         yield e
     finally:
         e.close()
-
-
-def _fails(call: Any, code: grpc.StatusCode, *words: str) -> None:
-    with pytest.raises(grpc.RpcError) as e:
-        call()
-    assert e.value.code() == code, e.value.details()
-    for w in words:
-        assert w in e.value.details(), e.value.details()
 
 
 def _jittered(data: bytes, seed: int) -> bytes:
@@ -229,19 +222,19 @@ def test_errors_and_the_server_keeps_serving(env: Env) -> None:
                 setattr(req, k, v)
         return lambda: stub.Suggest(req)
 
-    _fails(call(collection="nope"), NOT_FOUND, "nope")
-    _fails(call(budget=0), INVALID, "budget")
-    _fails(call(budget=-3), INVALID, "budget")
-    _fails(call(strategy=99), INVALID, "strategy")
-    _fails(call(images=[]), INVALID, "images")
-    _fails(call(images=[pool[0], pool[1], b"junk"]), INVALID, "image 2")
-    _fails(call(images=[b"x"] * 257), INVALID, "max_images_per_request")
+    fails(call(collection="nope"), NOT_FOUND, "nope")
+    fails(call(budget=0), INVALID, "budget")
+    fails(call(budget=-3), INVALID, "budget")
+    fails(call(strategy=99), INVALID, "strategy")
+    fails(call(images=[]), INVALID, "images")
+    fails(call(images=[pool[0], pool[1], b"junk"]), INVALID, "image 2")
+    fails(call(images=[b"x"] * 257), INVALID, "max_images_per_request")
     create(stub, "empty")
-    _fails(call(collection="empty"), FAILED, "empty")
-    _fails(call(collection="empty", strategy=pb.STRATEGY_DIVERSE), FAILED)
+    fails(call(collection="empty"), FAILED, "empty")
+    fails(call(collection="empty", strategy=pb.STRATEGY_DIVERSE), FAILED)
     create(stub, "one")
     register(stub, "one", "only", env.supports[0])
-    _fails(call(collection="one"), FAILED, "at least 2")
+    fails(call(collection="one"), FAILED, "at least 2")
     with ProtoserveClient(env.target) as c:
         with pytest.raises(Exception, match="strategy"):
             c.suggest("run01", pool[:2], 1, strategy="bald")
