@@ -139,7 +139,11 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         folder = export_checkpoint(
-            args.checkpoint, args.out, name=args.name, overwrite=args.overwrite
+            args.checkpoint,
+            args.out,
+            name=args.name,
+            overwrite=args.overwrite,
+            shift_average=args.shift_average,
         )
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
@@ -227,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="model folder, e.g. models/omniglot-protonet")
     ex.add_argument("--name", help="model name (default: the folder's name)")
     ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument(
+        "--shift-average",
+        type=int,
+        default=0,
+        metavar="PIXELS",
+        help="the tower averages its embedding over the 3x3 grid of +-PIXELS shifts (0: off)",
+    )
     ex.add_argument("--threads", type=int, default=1)
     ex.set_defaults(func=_export)
 

@@ -88,6 +88,16 @@ def metatrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-way", type=int, default=d.val_way)
     g.add_argument("--val-shot", type=int, default=d.val_shot)
     g.add_argument("--val-query", type=int, default=d.val_query)
+    g.add_argument(
+        "--val-within-alphabet",
+        action="store_true",
+        help="validation episodes within one alphabet (the one-shot runs' format)",
+    )
+    g.add_argument(
+        "--val-split-drawers",
+        action="store_true",
+        help="validation supports and queries by different drawers",
+    )
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--stop-after", type=int, help="stop after this many episodes (resumable)")
@@ -138,6 +148,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         val_way=args.val_way,
         val_shot=args.val_shot,
         val_query=args.val_query,
+        val_within_superclass=args.val_within_alphabet,
+        val_split_drawers=args.val_split_drawers,
     )
 
 

@@ -71,6 +71,8 @@ class TrainConfig:
     val_way: int = 5
     val_shot: int = 1
     val_query: int = 15
+    val_within_superclass: bool = False  # validation episodes within one alphabet
+    val_split_drawers: bool = False  # validation supports and queries by different drawers
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:

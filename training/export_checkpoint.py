@@ -21,7 +21,11 @@ def export_checkpoint(
     *,
     name: str | None = None,
     overwrite: bool = False,
+    shift_average: int = 0,
 ) -> Any:
+    """``shift_average`` > 0 exports the backbone wrapped in ``ShiftAverage`` with that radius
+    (the tower averages 9 shifted views of each image)."""
+    from training.backbones.shift_average import ShiftAverage
     from training.export import export_image_backbone
 
     state = load_checkpoint(checkpoint)
@@ -33,11 +37,15 @@ def export_checkpoint(
     method.eval()
     scale = 1.0 if method.metric == "l2" else float(method.log_scale.exp())
     recipe = state.get("command") or json.dumps(cfg.to_dict(), sort_keys=True)
+    module, arch = method.backbone, f"{cfg.backbone} ({cfg.method}, {cfg.distance})"
+    if shift_average:
+        module = ShiftAverage(module, shift_average).eval()
+        arch += f", averaged over 3x3 shifts of +-{shift_average} px"
     return export_image_backbone(
-        method.backbone,
+        module,
         out_dir,
         preprocess=pre,
-        architecture=f"{cfg.backbone} ({cfg.method}, {cfg.distance})",
+        architecture=arch,
         recipe=recipe,
         name=name,
         metric=method.metric,

@@ -70,6 +70,8 @@ def validate(method: Any, val: ImageSet, cfg: TrainConfig, step: int) -> dict[st
         "k_shot": cfg.val_shot,
         "q_query": cfg.val_query,
         "episodes": cfg.val_episodes,
+        "within_superclass": cfg.val_within_superclass,
+        "split_drawers": cfg.val_split_drawers,
     }
     if isinstance(method, PrototypicalNetworks):
         emb = embed_all(val, torch_encoder(method))
