@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,16 @@ from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "omniglot-protonet"
 RUN = ROOT.parent / "shared" / "data" / "omniglot" / "sample_run" / "run01"
+
+
+@functools.cache
+def run01_error() -> float:
+    """The default model's error on run01 as `protoserve train eval-runs` scores it offline."""
+    from training.runs import eval_runs
+
+    (result,) = eval_runs(ROOT / "models" / MODEL, RUN)
+    return result.error
+
 
 needs_run = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run at {RUN}")
 

@@ -13,6 +13,7 @@ from server.config import ServerConfig
 from server.grpc.app import SERVICE_NAME, ProtoserveServer, build_server
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
 from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
+from tests.grpc.support import run01_error
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "omniglot-protonet"
@@ -105,8 +106,8 @@ def test_register_and_classify_run01_matches_eval_runs(running: Running) -> None
     register_run(stub)
     got = stub.GetCollection(pb.GetCollectionRequest(name="run01"))
     assert (got.class_count, got.support_count) == (20, 20)
-    assert classify_run(stub) == 25.0  # `protoserve train eval-runs` on run01
-    assert classify_run(stub, method=pb.METHOD_KNN) == 25.0  # one support per class
+    assert classify_run(stub) == run01_error()  # `protoserve train eval-runs` on run01
+    assert classify_run(stub, method=pb.METHOD_KNN) == run01_error()  # one support per class
     classes = stub.ListClasses(pb.ListClassesRequest(collection="run01")).classes
     assert [c.label for c in classes] == [f"class{i:02d}" for i in range(1, 21)]
 
@@ -187,6 +188,6 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
     try:
         got = second.stub.GetCollection(pb.GetCollectionRequest(name="run01"))
         assert (got.class_count, got.support_count) == (20, 20)
-        assert classify_run(second.stub) == before == 25.0
+        assert classify_run(second.stub) == before == run01_error()
     finally:
         second.close()
