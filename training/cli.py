@@ -90,7 +90,7 @@ def _eval_target(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     from training.config import TrainConfig, build_data, build_method, load_dataset
 
     if args.checkpoint is not None:
-        from training.metatrain import load_checkpoint
+        from training.checkpoint import load_checkpoint
 
         state = load_checkpoint(args.checkpoint)
         cfg = TrainConfig.from_dict(state["config"])

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig, build_method
-from training.metatrain import load_checkpoint
 
 
 def export_checkpoint(

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.finetune import Classifier, accuracy, to_unit
 from training.noise import rand_augment, weak_augment
 
@@ -249,7 +250,7 @@ def fixmatch(
     prior_cpu = prior_wall = 0.0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
-        s = torch.load(ckpt, weights_only=False)
+        s = load_checkpoint(ckpt)
         if s["config"] != cfg.to_dict():
             raise ValueError(f"checkpoint {ckpt} was written with another config")
         model.load_state_dict(s["model"])
@@ -333,26 +334,21 @@ def fixmatch(
             kept_n = kept_right = 0
             class_counts.zero_()
             if ckpt is not None:
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
-                torch.save(
-                    {
-                        "config": cfg.to_dict(),
-                        "model": model.state_dict(),
-                        "ema": ema.state_dict(),
-                        "opt": opt.state_dict(),
-                        "gen": gen.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "align": align_state,
-                        "history": history,
-                        "best": best,
-                        "step": done,
-                        "cpu_seconds": row["cpu_seconds"],
-                        "wall_seconds": row["wall_seconds"],
-                    },
-                    tmp,
+                save_checkpoint(
+                    ckpt,
+                    config=cfg.to_dict(),
+                    model=model.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    gen=gen.get_state(),
+                    torch_rng=torch.get_rng_state(),
+                    align=align_state,
+                    history=history,
+                    best=best,
+                    step=done,
+                    cpu_seconds=row["cpu_seconds"],
+                    wall_seconds=row["wall_seconds"],
                 )
-                tmp.replace(ckpt)
     if bar is not None:
         bar.close()
     ema.load_state_dict(best["state"])
@@ -364,6 +360,14 @@ def fixmatch(
         cpu_seconds=prior_cpu + time.process_time() - t_cpu,
         wall_seconds=prior_wall + time.perf_counter() - t_wall,
     )
+
+
+def best_weights(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The best-on-validation EMA weights (a ``Classifier`` state dict) of a loaded ``fixmatch``
+    checkpoint; ``None`` when ``state`` is not one (e.g. a plain state dict)."""
+    if "best" in state and "ema" in state and "config" in state:
+        return dict(state["best"]["state"])
+    return None
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ stopped. Each run folder gets ``checkpoint.pt``, ``log.json`` and ``curve.png``.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from training.augment import AugmentConfig, augment
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig, build_data, build_method
 from training.data.imageset import ImageSet
 from training.data.sampler import EpisodeSampler
@@ -49,17 +49,6 @@ def lr_lambda(cfg: TrainConfig) -> Any:
 def episode_generator(seed: int, step: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, step, 1]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
-
-
-def save_checkpoint(path: Path, **state: Any) -> None:
-    """Writes atomically: a crash mid-save leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return dict(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def validate(method: Any, val: ImageSet, cfg: TrainConfig, step: int) -> dict[str, float]:

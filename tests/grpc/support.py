@@ -29,6 +29,16 @@ def run01_error() -> float:
     return result.error
 
 
+def truth() -> dict[str, str]:
+    """test file name -> label (the training file's stem)."""
+    out = {}
+    for line in (RUN / "class_labels.txt").read_text().splitlines():
+        if line.strip():
+            test, train = line.split()
+            out[Path(test).name] = Path(train).stem
+    return out
+
+
 needs_run = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run at {RUN}")
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from server.cli import main
-from tests.grpc.support import run01_error
-from tests.grpc.test_server import MODEL, ROOT, RUN, Running, truth
+from tests.grpc.support import MODEL, ROOT, RUN, Running, run01_error, truth
 
 pytestmark = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run at {RUN}")
 

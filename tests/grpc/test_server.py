@@ -9,31 +9,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.config import ServerConfig
-from server.grpc.app import SERVICE_NAME, ProtoserveServer, build_server
+from server.grpc.app import SERVICE_NAME
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
 from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
-from tests.grpc.support import run01_error
-
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = "omniglot-protonet"
-RUN = ROOT.parent / "shared" / "data" / "omniglot" / "sample_run" / "run01"
+from tests.grpc.support import RUN, Running, create, run01_error, truth
 
 pytestmark = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run at {RUN}")
-
-
-class Running:
-    def __init__(self, data_dir: Path) -> None:
-        cfg = ServerConfig(port=0, data_dir=data_dir, model_repo=ROOT / "models", workers=4)
-        self.server: ProtoserveServer
-        self.server, self.port = build_server(cfg)
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = pb_grpc.ProtoserveStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(grace=5)
 
 
 @pytest.fixture
@@ -41,22 +22,6 @@ def running(tmp_path: Path) -> Iterator[Running]:
     r = Running(tmp_path / "data")
     yield r
     r.close()
-
-
-def truth() -> dict[str, str]:
-    """test file name -> label (the training file's stem)."""
-    out = {}
-    for line in (RUN / "class_labels.txt").read_text().splitlines():
-        if line.strip():
-            test, train = line.split()
-            out[Path(test).name] = Path(train).stem
-    return out
-
-
-def create(stub: pb_grpc.ProtoserveStub, name: str = "run01") -> pb.Collection:
-    return stub.CreateCollection(
-        pb.CreateCollectionRequest(collection=pb.Collection(name=name, model=MODEL))
-    )
 
 
 def register_run(stub: pb_grpc.ProtoserveStub, name: str = "run01") -> None:

@@ -7,10 +7,12 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
+from training.checkpoint import load_checkpoint  # noqa: E402
 from training.finetune import Classifier, accuracy  # noqa: E402
 from training.fixmatch import (  # noqa: E402
     FixMatchConfig,
     align,
+    best_weights,
     ema_update,
     fixmatch,
     fixmatch_loss,
@@ -167,6 +169,12 @@ def test_a_few_steps_learn_tiny_data_and_resume(tmp_path) -> None:
     ]
     with pytest.raises(ValueError, match="another config"):
         fixmatch(_tiny_model(), xl, yl, xu, FixMatchConfig(steps=41), checkpoint=ck)
+    # the file holds the val-chosen EMA weights the run returned
+    weights = best_weights(load_checkpoint(ck))
+    assert weights is not None
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(weights[name], value), name
+    assert best_weights(dict(resumed.model.state_dict())) is None  # a plain state dict
 
 
 def test_bad_inputs_raise() -> None:

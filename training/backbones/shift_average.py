@@ -2,8 +2,8 @@
 the image moved by ``-r``, ``0`` and ``+r`` pixels along each axis (a 3x3 grid, 9 views; edges
 replicated). Exported as part of the image tower, so every runtime (onnxruntime, Triton, torch)
 serves the same averaged embedding and the server needs nothing new. It costs 9 backbone
-passes per image; on Omniglot's held-out characters it lowers one-shot error (docs/omniglot-model.md
-has the measurement)."""
+passes per image; on Omniglot alphabets held out from training it lowers one-shot error
+(docs/omniglot-model.md has the measurement)."""
 
 from __future__ import annotations
 

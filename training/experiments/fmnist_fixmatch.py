@@ -1,7 +1,7 @@
 """Fashion-MNIST FixMatch (experiment 2): 100 labels (10 per class, ``semisup_split`` seed
 ``--seed``) and the other 59,900 training images unlabeled, trained with FixMatch
 (``training.fixmatch``: weak-view pseudo-labels above ``--tau``, cross-entropy on the strong
-view, EMA weights evaluated) on the "strided" LeNet-sized CNN of ``fmnist_active``.
+view, EMA weights evaluated) on the "strided" LeNet-sized CNN (``training.backbones.strided``).
 
 The 5,000 validation images are among the unlabeled ones; their labels are used only to pick
 the EMA checkpoint (every ``--eval-every`` steps) and the recipe, and to monitor the precision
@@ -30,7 +30,7 @@ import torch
 
 from training.data.fashion_mnist import load_fashion_mnist
 from training.data.semisup import semisup_split
-from training.finetune import Classifier, accuracy, fmnist_classifier
+from training.finetune import FMNIST_ARCHS, Classifier, accuracy, fmnist_classifier
 from training.fixmatch import FixMatchConfig, describe, fixmatch
 
 
@@ -41,7 +41,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("runs/fmnist_fixmatch"))
     ap.add_argument("--root", default=None, help="Fashion-MNIST IDX folder")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--arch", choices=("strided", "small_vgg"), default="strided")
+    ap.add_argument("--arch", choices=FMNIST_ARCHS, default="strided")
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=15000)

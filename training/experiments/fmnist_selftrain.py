@@ -34,7 +34,7 @@ import torch
 
 from training.data.fashion_mnist import load_fashion_mnist
 from training.data.semisup import semisup_split
-from training.finetune import FitConfig, accuracy, fmnist_classifier
+from training.finetune import FMNIST_ARCHS, FitConfig, accuracy, fmnist_classifier
 from training.noise import Noise
 from training.selftrain import PseudoLabelConfig, SelfTrainConfig, noisy_student
 
@@ -60,7 +60,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--teacher-arch",
-        choices=("strided", "small_vgg"),
+        choices=FMNIST_ARCHS,
         default="strided",
         help="with --teacher-checkpoint: its network (width: --teacher-width)",
     )
@@ -246,9 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def load_teacher(path: Path, arch: str, width: int) -> Any:
     """A ``Classifier`` for generation 0 from ``path``: a ``fmnist_fixmatch`` checkpoint (its
     best-on-validation EMA weights) or a plain state dict."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "best" in state and "ema" in state:
-        state = state["best"]["state"]
+    from training.checkpoint import load_checkpoint
+    from training.fixmatch import best_weights
+
+    state = load_checkpoint(path)
+    state = best_weights(state) or state
     model = fmnist_classifier(10, dropout=0.0, width=width, arch=arch)
     model.load_state_dict(state)
     return model.eval()
