@@ -38,5 +38,5 @@ for tool in memcheck racecheck; do
 done
 
 echo "== benchmark"
-$PY bench/kernels_cuda.py --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
+$PY bench/kernels_cuda.py --json "$OUT/bench_cuda.json" --profile 64x1000x512 2>&1 | tee "$OUT/bench.log"
 exit "$tests_rc"

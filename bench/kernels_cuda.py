@@ -134,12 +134,38 @@ def report(results: list[dict[str, object]], bw: float, k: int, device: str) -> 
     return lines
 
 
+def profile_calls(shape: str, k: int, calls: int = 300) -> str:
+    """cProfile of our fp32 top-k at one (small) shape: where the per-call
+    overhead outside the kernels goes."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from server import kernels as K
+
+    qn, c, d = (int(x) for x in shape.lower().split("x"))
+    q = torch.randn(qn, d, device="cuda")
+    p = torch.randn(c, d, device="cuda")
+    K.topk(q, p, k, metric="ip")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        K.topk(q, p, k, metric="ip")
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+    return f"cProfile of {calls} calls at ({qn}, {c}, {d}), k = {k}:\n" + out.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="QxCxD")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", help="also write the raw timings here")
+    parser.add_argument("--profile", metavar="QxCxD", help="also profile the per-call overhead")
     args = parser.parse_args(argv)
     torch = _torch()
     device = torch.cuda.get_device_name()  # type: ignore[attr-defined]
@@ -151,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     max_bytes = max(int(np.prod(r["shape"][1:])) * 4 for r in results)  # type: ignore[index]
     bw = copy_bandwidth(max(max_bytes, 1 << 28), args.repeats)
     print("\n".join(report(results, bw, args.k, device)))
+    if args.profile:
+        print(profile_calls(args.profile, args.k))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

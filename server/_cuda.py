@@ -23,12 +23,17 @@ Input policy (as on the CPU path, docs/kernels.md):
 
 ``min(k, C)`` up to ``MAX_FUSED_K`` (256) runs the fused kernel; above it
 every score is computed ([Q, C] on the device) and sorted stably.
-The kernels run on the legacy default stream, ordered after the caller's
-current stream (DLPack ``stream=1``), and synchronise before returning.
+The kernels run on the caller's current stream of the queries' device
+(``torch.cuda.current_stream()`` / cupy's current stream), so they are
+ordered after whatever produced the inputs there, and synchronise that
+stream before returning. Tensors are handed over as plain DLPack capsules
+(``torch.utils.dlpack.to_dlpack`` / ``cupy.ndarray.toDlpack``): the stream
+is passed once per call instead of a stream handshake per tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
@@ -39,7 +44,6 @@ from server import kernels as _k
 MAX_FUSED_K = 256  # server._kernels_cuda.MAX_FUSED_K
 
 _KDL_CUDA = 2
-_LEGACY_STREAM = 1  # the DLPack code for CUDA's legacy default stream
 
 __all__ = ["MAX_FUSED_K", "scores", "topk"]
 
@@ -91,10 +95,31 @@ class _Frame:
         if self.fw == "torch":
             import torch
 
+            if torch.cuda.current_device() == self.device:
+                return contextlib.nullcontext()
             return torch.cuda.device(self.device)
         import cupy
 
         return cupy.cuda.Device(self.device)
+
+    def stream(self) -> int:
+        """The caller's current stream on the queries' device (a cudaStream_t)."""
+        if self.fw == "torch":
+            import torch
+
+            return int(torch.cuda.current_stream(self.device).cuda_stream)
+        import cupy
+
+        with cupy.cuda.Device(self.device):
+            return int(cupy.cuda.get_current_stream().ptr)
+
+    def capsule(self, x: Any) -> Any:
+        """A DLPack capsule of a device tensor of this framework."""
+        if self.fw == "torch":
+            from torch.utils.dlpack import to_dlpack  # type: ignore[attr-defined]
+
+            return to_dlpack(x)
+        return x.toDlpack()
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
         if self.fw == "torch":
@@ -192,8 +217,18 @@ def _queries(queries: Any) -> tuple[_Frame, Any]:
     frame = _Frame(queries)
     with frame.context():
         q = _prepare_device(queries, "queries", prototypes=False)
-        _check_finite(q, "queries")
     return frame, q
+
+
+def _raise_if_nonfinite(health: tuple[bool, bool], q: Any, p: Any) -> None:
+    """The kernels flag a non-finite squared norm as they go (no extra pass
+    over the data, no extra synchronisation); only then is the exact check run,
+    which raises for a NaN or infinity (an overflowing norm of finite values is
+    not an error, as on the CPU path)."""
+    if health[0]:
+        _check_finite(q, "queries")
+    if health[1]:
+        _check_finite(p, "prototypes")
 
 
 def _prototypes(prototypes: Any, frame: _Frame, metric: str | None) -> tuple[Any, str]:
@@ -220,12 +255,7 @@ def _prototypes(prototypes: Any, frame: _Frame, metric: str | None) -> tuple[Any
             raise ValueError(f"prototypes are on cuda:{device}, the queries on cuda:{frame.device}")
         else:
             p = _prepare_device(prototypes, "prototypes", prototypes=True)
-        _check_finite(p, "prototypes")
     return p, metric
-
-
-def _capsule(x: Any) -> Any:
-    return x.__dlpack__(stream=_LEGACY_STREAM)
 
 
 def _check_dims(q: Any, p: Any) -> None:
@@ -248,8 +278,16 @@ def scores(queries: Any, prototypes: Any, metric: str | None = None) -> Any:
     with frame.context():
         out = frame.empty((nq, nc), "float32")
         if nq and nc:
-            _ext().scores(_capsule(q), _capsule(p), code, _capsule(out))
+            _scores_into(frame, q, p, code, out)
     return out
+
+
+def _scores_into(frame: _Frame, q: Any, p: Any, code: int, out: Any) -> None:
+    ext = _ext()
+    cap = frame.capsule
+    scratch = frame.empty((int(ext.scores_workspace_bytes()),), "uint8")
+    health = ext.scores(cap(q), cap(p), code, cap(out), cap(scratch), frame.stream())
+    _raise_if_nonfinite(health, q, p)
 
 
 def topk(queries: Any, prototypes: Any, k: int, metric: str | None = None) -> Any:
@@ -270,9 +308,13 @@ def topk(queries: Any, prototypes: Any, k: int, metric: str | None = None) -> An
         out_s = frame.empty((nq, kc), "float32")
         out_i = frame.empty((nq, kc), "int64")
         if nq and kc:
+            cap = frame.capsule
             ws_bytes = int(ext.topk_workspace_bytes(nq, nc, k))
-            scratch = _capsule(frame.empty((ws_bytes,), "uint8")) if ws_bytes else None
-            ext.topk(_capsule(q), _capsule(p), k, code, _capsule(out_s), _capsule(out_i), scratch)
+            scratch = cap(frame.empty((ws_bytes,), "uint8")) if ws_bytes else None
+            health = ext.topk(
+                cap(q), cap(p), k, code, cap(out_s), cap(out_i), scratch, frame.stream()
+            )
+            _raise_if_nonfinite(health, q, p)
     return out_s, out_i
 
 
@@ -281,7 +323,7 @@ def _topk_by_sort(frame: _Frame, q: Any, p: Any, code: int, kc: int) -> tuple[An
     nq, nc = int(q.shape[0]), int(p.shape[0])
     with frame.context():
         s = frame.empty((nq, nc), "float32")
-        _ext().scores(_capsule(q), _capsule(p), code, _capsule(s))
+        _scores_into(frame, q, p, code, s)
         s += 0.0  # -0.0 -> +0.0: a radix sort would order the two zeros apart
         if frame.fw == "torch":
             import torch

@@ -133,6 +133,13 @@ SHAPES = [
     (2, 2000, 32, 256),  # the fused kernel's largest k
     (3, 700, 40, 300),  # k > 256: scores + stable sort
     (300, 400, 24, 9),  # many queries, one chunk each
+    # The tiled kernel (Q >= 16, k' <= 64): partial tiles, chunks of tiles + merge.
+    (16, 50, 4097, 5),
+    (17, 129, 33, 64),
+    (64, 3000, 64, 16),
+    (130, 5000, 130, 1),
+    (1000, 300, 16, 3),
+    (40, 1000, 8, 65),  # k' = 65: back to the per-query kernel
 ]
 
 
@@ -152,7 +159,19 @@ def test_topk_matches_cpu(dev, metric, dtype, q, c, d, k):
 @gpu_test
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("q", "c", "d"), [(14, 50, 45), (1, 1, 1), (3, 700, 4097), (2, 9, 4096)])
+@pytest.mark.parametrize(
+    ("q", "c", "d"),
+    [
+        (14, 50, 45),
+        (1, 1, 1),
+        (3, 700, 4097),
+        (2, 9, 4096),
+        (40, 300, 45),
+        (64, 129, 4097),
+        (17, 1, 3),
+        (200, 1000, 32),
+    ],
+)
 def test_scores_match_cpu(dev, metric, dtype, q, c, d):
     rng = np.random.default_rng(7 + d)
     queries, protos = gaussian(rng, q, d), gaussian(rng, c, d)
@@ -169,25 +188,29 @@ def test_scores_match_cpu(dev, metric, dtype, q, c, d):
 @gpu_test
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ties_go_to_the_lower_index(dev, metric, dtype):
+@pytest.mark.parametrize("n", [5, 20])  # the per-query and the tiled kernel
+def test_ties_go_to_the_lower_index(dev, metric, dtype, n):
     rng = np.random.default_rng(3)
-    base = gaussian(rng, 5, 19)
+    base = gaussian(rng, n, 19)
     protos = np.concatenate([base, base, base, base[::-1]])  # every row 4 times
     s, i = K.topk(dev.put(base), dev.put(protos, dtype), 8, metric=metric)
     s, i = dev.get(s), dev.get(i)
-    for qi in range(5):
-        copies = sorted([qi, qi + 5, qi + 10, 15 + (4 - qi)])
+    for qi in range(n):
+        copies = sorted([qi, qi + n, qi + 2 * n, 3 * n + (n - 1 - qi)])
         assert i[qi, :4].tolist() == copies
         assert np.all(s[qi, :4] == s[qi, 0])
 
 
 @gpu_test
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize(("c", "k"), [(3000, 10), (5000, 256), (600, 300), (100, 100)])
-def test_identical_rows_across_chunks_keep_index_order(dev, metric, c, k):
+@pytest.mark.parametrize(
+    ("nq", "c", "k"),
+    [(2, 3000, 10), (2, 5000, 256), (2, 600, 300), (2, 100, 100), (33, 5000, 10), (20, 700, 64)],
+)
+def test_identical_rows_across_chunks_keep_index_order(dev, metric, nq, c, k):
     rng = np.random.default_rng(c + k)
     row = gaussian(rng, 1, 37)
-    queries = gaussian(rng, 2, 37)
+    queries = gaussian(rng, nq, 37)
     s, i = K.topk(dev.put(queries), dev.put(np.repeat(row, c, axis=0)), k, metric=metric)
     s, i = dev.get(s), dev.get(i)
     assert (i == np.arange(min(k, c))[None, :]).all()
@@ -241,23 +264,44 @@ def test_inputs_are_made_contiguous_and_float32(dev):
 
 
 @gpu_test
-def test_bad_input_raises_clear_errors(dev):
+@pytest.mark.parametrize("nq", [2, 40])  # the per-query and the tiled kernels
+def test_bad_input_raises_clear_errors(dev, nq):
     rng = np.random.default_rng(1)
-    dq = dev.put(gaussian(rng, 2, 8))
+    dq = dev.put(gaussian(rng, nq, 8))
     with pytest.raises(ValueError, match="dimension"):
         K.topk(dq, dev.put(gaussian(rng, 5, 9)), 3)
-    with pytest.raises(ValueError, match="NaN"):
-        K.topk(dev.put(np.full((2, 8), np.nan, np.float32)), dev.put(gaussian(rng, 5, 8)), 3)
-    bad = gaussian(rng, 5, 8)
+    nan_q = gaussian(rng, nq, 8)
+    nan_q[nq - 1, 2] = np.nan
+    with pytest.raises(ValueError, match=f"queries contain NaN.*first bad row: {nq - 1}"):
+        K.topk(dev.put(nan_q), dev.put(gaussian(rng, 5, 8)), 3)
+    bad = gaussian(rng, 300, 8)
     bad[3, 1] = np.inf
-    with pytest.raises(ValueError, match="first bad row: 3"):
-        K.scores(dq, dev.put(bad))
+    for dtype in DTYPES:
+        with pytest.raises(ValueError, match="prototypes contain NaN.*first bad row: 3"):
+            K.scores(dq, dev.put(bad, dtype))
+        with pytest.raises(ValueError, match="first bad row: 3"):
+            K.topk(dq, dev.put(bad, dtype), 4, metric="ip")
+        with pytest.raises(ValueError, match="first bad row: 3"):
+            K.topk(dq, dev.put(bad, dtype), 290, metric="ip")  # the sort path
     with pytest.raises(ValueError, match="metric"):
         K.topk(dq, dev.put(gaussian(rng, 5, 8)), 3, metric="hamming")
     with pytest.raises(ValueError, match="2-D"):
         K.topk(dq, dev.put(gaussian(rng, 5, 8)).reshape(5, 2, 4), 3)
     with pytest.raises(ValueError, match="k must be"):
         K.topk(dq, dev.put(gaussian(rng, 5, 8)), 0)
+
+
+@gpu_test
+@pytest.mark.parametrize("nq", [2, 40])
+def test_overflowing_norms_are_not_errors(dev, nq):
+    """The kernels flag a non-finite squared norm; finite values whose square
+    overflows are no error (as on the CPU path), only NaN and infinity are."""
+    rng = np.random.default_rng(8)
+    queries = np.full((nq, 8), 1e20, np.float32)
+    protos = gaussian(rng, 50, 8)
+    _, i = K.topk(dev.put(queries), dev.put(protos), 3, metric="ip")
+    ci = K.topk(queries, protos, 3, metric="ip")[1]
+    assert (dev.get(i) == ci).all()
 
 
 @gpu_test
@@ -311,8 +355,11 @@ def test_cuda_module_imports_and_counts_devices():
     assert isinstance(n, int) and n >= 0
     assert (n > 0) == K.HAS_CUDA
     assert m.MAX_FUSED_K == 256
-    assert m.topk_workspace_bytes(4, 100, 10) == 0  # one chunk: straight to the output
-    assert m.topk_workspace_bytes(1, 100_000, 10) > 0  # chunks + merge pass
+    assert m.topk_workspace_bytes(0, 100, 10) == 0  # nothing to compute
+    assert m.topk_workspace_bytes(4, 50, 10) == 256  # one chunk: the two flags only
+    assert m.topk_workspace_bytes(1, 100_000, 10) > 256  # chunks + merge pass
+    assert m.topk_workspace_bytes(64, 100_000, 10) > 256  # the tiled kernel's chunks
+    assert m.scores_workspace_bytes() == 256
 
 
 class _DLDevice(ctypes.Structure):

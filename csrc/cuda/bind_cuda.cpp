@@ -16,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "dlpack.h"
 #include "topk.cuh"
@@ -164,9 +165,26 @@ Inputs check_inputs(const Managed& q, const Managed& p) {
   return in;
 }
 
-void py_topk(const py::object& queries, const py::object& prototypes, int64_t k, int metric,
-             const py::object& out_scores, const py::object& out_index,
-             const py::object& scratch) {
+// A scratch capsule's device pointer and size in bytes (null, 0 without one).
+std::pair<void*, int64_t> scratch_of(const Managed& ws, int device) {
+  if (!ws) return {nullptr, 0};
+  const DLTensor& t = ws->dl_tensor;
+  if (t.device.device_type != kDLCUDA || t.device.device_id != device)
+    throw py::value_error("scratch must be on the queries' CUDA device");
+  if (!is_compact(t)) throw py::value_error("scratch must be contiguous");
+  int64_t numel = 1;
+  for (int i = 0; i < t.ndim; ++i) numel *= t.shape[i];
+  return {static_cast<char*>(t.data) + t.byte_offset,
+          numel * ((int64_t(t.dtype.bits) * t.dtype.lanes + 7) / 8)};
+}
+
+py::tuple health_tuple(const pc::Health& h) {
+  return py::make_tuple(h.queries_nonfinite, h.prototypes_nonfinite);
+}
+
+py::tuple py_topk(const py::object& queries, const py::object& prototypes, int64_t k,
+                  int metric, const py::object& out_scores, const py::object& out_index,
+                  const py::object& scratch, uintptr_t stream) {
   // Consume every capsule first: each is then released exactly once, on any path.
   Managed q = consume(queries, "queries");
   Managed p = consume(prototypes, "prototypes");
@@ -188,43 +206,44 @@ void py_topk(const py::object& queries, const py::object& prototypes, int64_t k,
   const Matrix mi = check_matrix(oi, "out_index", in.q.device);
   require_shape(ms, in.q.rows, kc, "out_scores");
   require_shape(mi, in.q.rows, kc, "out_index");
+  const auto [ws_ptr, ws_bytes] = scratch_of(ws, in.q.device);
 
-  void* ws_ptr = nullptr;
-  int64_t ws_bytes = 0;
-  if (ws) {
-    const DLTensor& t = ws->dl_tensor;
-    if (t.device.device_type != kDLCUDA || t.device.device_id != in.q.device)
-      throw py::value_error("scratch must be on the queries' CUDA device");
-    if (!is_compact(t)) throw py::value_error("scratch must be contiguous");
-    int64_t numel = 1;
-    for (int i = 0; i < t.ndim; ++i) numel *= t.shape[i];
-    ws_ptr = static_cast<char*>(t.data) + t.byte_offset;
-    ws_bytes = numel * ((int64_t(t.dtype.bits) * t.dtype.lanes + 7) / 8);
+  pc::Health h;
+  {
+    py::gil_scoped_release release;
+    h = pc::topk(in.q.device, reinterpret_cast<const float*>(in.q.data), in.p.data, in.ptype,
+                 in.q.rows, in.p.rows, in.q.cols, metric, k,
+                 reinterpret_cast<float*>(const_cast<char*>(ms.data)),
+                 reinterpret_cast<int64_t*>(const_cast<char*>(mi.data)), ws_ptr, ws_bytes,
+                 stream);
   }
-
-  py::gil_scoped_release release;
-  pc::topk(in.q.device, reinterpret_cast<const float*>(in.q.data), in.p.data, in.ptype,
-           in.q.rows, in.p.rows, in.q.cols, metric, k,
-           reinterpret_cast<float*>(const_cast<char*>(ms.data)),
-           reinterpret_cast<int64_t*>(const_cast<char*>(mi.data)), ws_ptr, ws_bytes);
+  return health_tuple(h);
 }
 
-void py_scores(const py::object& queries, const py::object& prototypes, int metric,
-               const py::object& out) {
+py::tuple py_scores(const py::object& queries, const py::object& prototypes, int metric,
+                    const py::object& out, const py::object& scratch, uintptr_t stream) {
   Managed q = consume(queries, "queries");
   Managed p = consume(prototypes, "prototypes");
   Managed o = consume(out, "out");
+  Managed ws;
+  if (!scratch.is_none()) ws = consume(scratch, "scratch");
 
   check_metric(metric);
   const Inputs in = check_inputs(q, p);
   require_dtype(o, "out", kDLFloat, 32);
   const Matrix mo = check_matrix(o, "out", in.q.device);
   require_shape(mo, in.q.rows, in.p.rows, "out");
+  const auto [ws_ptr, ws_bytes] = scratch_of(ws, in.q.device);
 
-  py::gil_scoped_release release;
-  pc::scores(in.q.device, reinterpret_cast<const float*>(in.q.data), in.p.data, in.ptype,
-             in.q.rows, in.p.rows, in.q.cols, metric,
-             reinterpret_cast<float*>(const_cast<char*>(mo.data)));
+  pc::Health h;
+  {
+    py::gil_scoped_release release;
+    h = pc::scores(in.q.device, reinterpret_cast<const float*>(in.q.data), in.p.data, in.ptype,
+                   in.q.rows, in.p.rows, in.q.cols, metric,
+                   reinterpret_cast<float*>(const_cast<char*>(mo.data)), ws_ptr, ws_bytes,
+                   stream);
+  }
+  return health_tuple(h);
 }
 
 }  // namespace
@@ -241,14 +260,19 @@ PYBIND11_MODULE(_kernels_cuda, m) {
         return pc::topk_workspace_bytes(nq, nc, k);
       },
       py::arg("nq"), py::arg("nc"), py::arg("k"),
-      "Scratch bytes topk needs for [nq, *] queries, nc prototypes and k (0: none).");
+      "Scratch bytes topk needs for [nq, *] queries, nc prototypes and k (0: nothing to do).");
+  m.def("scores_workspace_bytes", &pc::scores_workspace_bytes, "Scratch bytes scores needs.");
   m.def("topk", &py_topk, py::arg("queries"), py::arg("prototypes"), py::arg("k"),
         py::arg("metric"), py::arg("out_scores"), py::arg("out_index"),
-        py::arg("scratch") = py::none(),
+        py::arg("scratch") = py::none(), py::arg("stream") = 0,
         "Fused top-k into out_scores fp32 [Q, min(k, C)] / out_index int64 [Q, min(k, C)], "
         "best first, ties to the lower index.  All arguments are DLPack capsules on one CUDA "
-        "device except k and metric (0 ip, 1 cosine, 2 l2).");
+        "device except k and metric (0 ip, 1 cosine, 2 l2).  Returns (queries_nonfinite, "
+        "prototypes_nonfinite): whether some row's squared norm was NaN or infinite.  Runs on "
+        "`stream` (a cudaStream_t as an integer, 0: the legacy default stream) and "
+        "synchronises it.");
   m.def("scores", &py_scores, py::arg("queries"), py::arg("prototypes"), py::arg("metric"),
-        py::arg("out"), "Every score into out fp32 [Q, C].");
+        py::arg("out"), py::arg("scratch") = py::none(), py::arg("stream") = 0,
+        "Every score into out fp32 [Q, C]; returns the same flags as topk.");
   m.attr("MAX_FUSED_K") = pc::kMaxFusedK;
 }

@@ -29,7 +29,20 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Stage 1 splits C into chunks until there are about this many blocks...
 constexpr int64_t kTargetBlocks = 1024;
 // ...but keeps at least this many prototypes (and 4 k') per chunk.
-constexpr int64_t kMinChunk = 256;
+constexpr int64_t kMinChunk = 64;
+// Rows a warp of the per-query kernels reads at once.
+constexpr int kRowsInFlight = 4;
+// The tiled kernels (topk_tiled.cuh) take kTQ queries x kTC prototypes per
+// tile; they run from kTiledMinQ queries, top-k for k' up to kTiledMaxK,
+// splitting C into chunks of whole tiles until about kTiledTargetBlocks blocks.
+constexpr int kTQ = 64;
+constexpr int kTC = 128;
+constexpr int64_t kTiledMinQ = 16;
+constexpr int64_t kTiledMaxK = 64;
+constexpr int64_t kTiledTargetBlocks = 528;
+// The first bytes of every workspace: two int flags (non-finite queries,
+// non-finite prototypes), padded so what follows stays 256-byte aligned.
+constexpr int64_t kFlagBytes = 256;
 // Prototypes per block in the scores kernel (at least).
 constexpr int64_t kScoresChunk = 256;
 constexpr int64_t kMaxGridY = 65535;
@@ -106,8 +119,10 @@ __host__ __device__ constexpr int64_t heap_bytes(int64_t kc) {
 
 struct TopkPlan {
   int64_t kc;         // columns returned: min(k, nc)
+  bool tiled;         // the tiled kernel (many queries, small k')
   int64_t chunks;     // stage-1 chunks per query
   int64_t chunk_len;  // prototypes per chunk (the last may be shorter)
+  // Workspace: the flags at 0, then the stage-1 candidates when chunks > 1.
   int64_t ws_scores_offset, ws_index_offset, ws_bytes;
 };
 
@@ -115,16 +130,26 @@ TopkPlan plan_topk(int64_t nq, int64_t nc, int64_t k) {
   TopkPlan p{};
   p.kc = std::min(k, nc);
   if (nq <= 0 || p.kc <= 0) return p;
-  const int64_t want = ceil_div(kTargetBlocks, nq);
-  const int64_t min_len = std::max(kMinChunk, 4 * p.kc);
-  int64_t chunks = std::min({want, ceil_div(nc, min_len), kMaxGridY});
-  chunks = std::max<int64_t>(chunks, 1);
-  p.chunk_len = ceil_div(nc, chunks);
+  p.tiled = nq >= kTiledMinQ && p.kc <= kTiledMaxK;
+  int64_t chunks;
+  if (p.tiled) {
+    const int64_t tiles = ceil_div(nc, kTC);
+    chunks = std::min({ceil_div(kTiledTargetBlocks, ceil_div(nq, kTQ)), tiles, kMaxGridY});
+    chunks = std::max<int64_t>(chunks, 1);
+    p.chunk_len = ceil_div(tiles, chunks) * kTC;
+  } else {
+    const int64_t want = ceil_div(kTargetBlocks, nq);
+    const int64_t min_len = std::max(kMinChunk, 4 * p.kc);
+    chunks = std::min({want, ceil_div(nc, min_len), kMaxGridY});
+    chunks = std::max<int64_t>(chunks, 1);
+    p.chunk_len = ceil_div(nc, chunks);
+  }
   p.chunks = ceil_div(nc, p.chunk_len);  // no empty chunk
+  p.ws_bytes = kFlagBytes;
   if (p.chunks > 1) {
     const int64_t n = nq * p.chunks * p.kc;
-    p.ws_scores_offset = 0;
-    p.ws_index_offset = (n * int64_t(sizeof(float)) + 255) / 256 * 256;
+    p.ws_scores_offset = kFlagBytes;
+    p.ws_index_offset = kFlagBytes + (n * int64_t(sizeof(float)) + 255) / 256 * 256;
     p.ws_bytes = p.ws_index_offset + n * int64_t(sizeof(int64_t));
   }
   return p;
@@ -142,50 +167,55 @@ __device__ __forceinline__ void accumulate(float x, float p, float& dot, float& 
   pn = fmaf(p, p, pn);
 }
 
-// q.p and |p|^2 of one row, by a whole warp.  Lane j reads elements j, j+32...
-// (VEC == 4: float4 / four-bf16 groups), so loads are coalesced.  The result
-// is valid in lane 0 (other lanes hold a differently ordered sum).
-template <typename PT, int VEC>
-__device__ __forceinline__ void warp_dot(const float* q, const PT* __restrict__ row, int d,
-                                         int lane, float& dot_out, float& pn_out) {
-  float dot = 0.0f, pn = 0.0f;
+// q.p and |p|^2 of R rows at once, by a whole warp (R independent sums keep
+// more loads in flight).  Lane j reads elements j, j+32... (VEC == 4:
+// float4 / four-bf16 groups), so loads are coalesced.  The results are valid
+// in lane 0 (other lanes hold differently ordered sums).
+template <typename PT, int VEC, int R>
+__device__ __forceinline__ void warp_dot(const float* q, const PT* const (&rows)[R], int d,
+                                         int lane, float (&dot)[R], float (&pn)[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) dot[r] = pn[r] = 0.0f;
   if constexpr (VEC == 4) {
     const int nv = d >> 2;
     const float4* q4 = reinterpret_cast<const float4*>(q);
-    if constexpr (std::is_same<PT, float>::value) {
-      const float4* p4 = reinterpret_cast<const float4*>(row);
-#pragma unroll 4
-      for (int j = lane; j < nv; j += 32) {
-        const float4 a = q4[j];
-        const float4 b = __ldg(p4 + j);
-        accumulate(a.x, b.x, dot, pn);
-        accumulate(a.y, b.y, dot, pn);
-        accumulate(a.z, b.z, dot, pn);
-        accumulate(a.w, b.w, dot, pn);
-      }
-    } else {
-      const uint2* p4 = reinterpret_cast<const uint2*>(row);
-#pragma unroll 4
-      for (int j = lane; j < nv; j += 32) {
-        const float4 a = q4[j];
-        const uint2 b = __ldg(p4 + j);  // four bf16, element 0 in the low half of .x
-        accumulate(a.x, bf16_to_float(static_cast<uint16_t>(b.x & 0xFFFFu)), dot, pn);
-        accumulate(a.y, bf16_to_float(static_cast<uint16_t>(b.x >> 16)), dot, pn);
-        accumulate(a.z, bf16_to_float(static_cast<uint16_t>(b.y & 0xFFFFu)), dot, pn);
-        accumulate(a.w, bf16_to_float(static_cast<uint16_t>(b.y >> 16)), dot, pn);
+#pragma unroll 2
+    for (int j = lane; j < nv; j += 32) {
+      const float4 a = q4[j];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if constexpr (std::is_same<PT, float>::value) {
+          const float4 b = __ldg(reinterpret_cast<const float4*>(rows[r]) + j);
+          accumulate(a.x, b.x, dot[r], pn[r]);
+          accumulate(a.y, b.y, dot[r], pn[r]);
+          accumulate(a.z, b.z, dot[r], pn[r]);
+          accumulate(a.w, b.w, dot[r], pn[r]);
+        } else {
+          // four bf16, element 0 in the low half of .x
+          const uint2 b = __ldg(reinterpret_cast<const uint2*>(rows[r]) + j);
+          accumulate(a.x, bf16_to_float(static_cast<uint16_t>(b.x & 0xFFFFu)), dot[r], pn[r]);
+          accumulate(a.y, bf16_to_float(static_cast<uint16_t>(b.x >> 16)), dot[r], pn[r]);
+          accumulate(a.z, bf16_to_float(static_cast<uint16_t>(b.y & 0xFFFFu)), dot[r], pn[r]);
+          accumulate(a.w, bf16_to_float(static_cast<uint16_t>(b.y >> 16)), dot[r], pn[r]);
+        }
       }
     }
   } else {
-#pragma unroll 4
-    for (int j = lane; j < d; j += 32) accumulate(q[j], load_proto(row + j), dot, pn);
+#pragma unroll 2
+    for (int j = lane; j < d; j += 32) {
+      const float a = q[j];
+#pragma unroll
+      for (int r = 0; r < R; ++r) accumulate(a, load_proto(rows[r] + j), dot[r], pn[r]);
+    }
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    dot += __shfl_xor_sync(kFullMask, dot, off);
-    pn += __shfl_xor_sync(kFullMask, pn, off);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      dot[r] += __shfl_xor_sync(kFullMask, dot[r], off);
+      pn[r] += __shfl_xor_sync(kFullMask, pn[r], off);
+    }
   }
-  dot_out = dot;
-  pn_out = pn;
 }
 
 // Block-wide: copies the query row into `qs` (when non-null) and returns
