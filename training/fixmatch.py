@@ -41,6 +41,7 @@ from torch import nn
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.finetune import Classifier, accuracy, to_unit
+from training.flexmatch import ClassThresholds
 from training.noise import rand_augment, weak_augment
 
 
@@ -59,6 +60,7 @@ class FixMatchConfig:
     ema: float = 0.999  # EMA decay of the evaluated weights (0: no EMA, the model itself)
     dist_align: bool = False  # ReMixMatch distribution alignment of the weak predictions
     align_momentum: float = 0.999  # running mean of the weak predictions for the alignment
+    flex: bool = False  # FlexMatch class-wise thresholds (training/flexmatch.py)
     # noise: weak = flip + shift; strong = weak, RandAugment (n_ops, magnitude 0..10), Cutout
     shift: int = 2
     n_ops: int = 2
@@ -149,16 +151,20 @@ def fixmatch_loss(
     cfg: FixMatchConfig,
     *,
     align_state: dict[str, torch.Tensor] | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One step's loss. The weak view is scored without gradient (train mode); the labeled
-    and strong views go through one forward pass (shared batch-norm statistics)."""
+    and strong views go through one forward pass (shared batch-norm statistics).
+    ``thresholds`` (per class) replaces the fixed ``cfg.tau`` (FlexMatch)."""
     with torch.no_grad():
         probs = F.softmax(model(xu_weak), 1)
         if align_state is not None:
             m = align_state["mean"]
             m.mul_(cfg.align_momentum).add_(probs.mean(0), alpha=1 - cfg.align_momentum)
             probs = align(probs, m, align_state["prior"])
-        label, _, mask = pseudo_labels(probs, cfg.tau)
+        label, conf, mask = pseudo_labels(probs, cfg.tau)
+        if thresholds is not None:
+            mask = (conf >= thresholds[label]).to(probs.dtype)
     logits = model(torch.cat([xl, xu_strong]))
     ll, lu = logits[: len(xl)], logits[len(xl) :]
     loss_x = F.cross_entropy(ll, yl)
@@ -170,6 +176,7 @@ def fixmatch_loss(
         "loss_u": float(loss_u.detach()),
         "mask": float(mask.mean()),
         "label": label,
+        "conf": conf,
         "kept": mask.bool(),
     }
     return loss, stats
@@ -244,6 +251,7 @@ def fixmatch(
         if cfg.dist_align
         else None
     )
+    flex = ClassThresholds(len(xu_all), k) if cfg.flex else None
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"step": 0, "val_acc": -1.0, "state": copy.deepcopy(ema.state_dict())}
     start = 0
@@ -260,6 +268,8 @@ def fixmatch(
         torch.set_rng_state(s["torch_rng"])
         if align_state is not None:
             align_state = s["align"]
+        if flex is not None:
+            flex.load_state_dict(s["flex"])
         history, best, start = s["history"], s["best"], s["step"]
         prior_cpu, prior_wall = s["cpu_seconds"], s["wall_seconds"]
 
@@ -287,7 +297,12 @@ def fixmatch(
         xu = to_unit(xu_all[iu])
         xw = weak_augment(xu, gen, shift=cfg.shift)
         xs = strong(xu)
-        loss, st = fixmatch_loss(model, xl, yl_all[il], xw, xs, cfg, align_state=align_state)
+        thr = flex.thresholds(cfg.tau) if flex is not None else None
+        loss, st = fixmatch_loss(
+            model, xl, yl_all[il], xw, xs, cfg, align_state=align_state, thresholds=thr
+        )
+        if flex is not None:
+            flex.update(iu, st["label"], st["conf"], cfg.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -319,6 +334,8 @@ def fixmatch(
                 "cpu_seconds": prior_cpu + time.process_time() - t_cpu,
                 "wall_seconds": prior_wall + time.perf_counter() - t_wall,
             }
+            if flex is not None:
+                row["class_thresholds"] = [round(float(t), 4) for t in flex.thresholds(cfg.tau)]
             if row["val_acc"] > best["val_acc"] or val is None:
                 best = {
                     "step": done,
@@ -343,6 +360,7 @@ def fixmatch(
                     gen=gen.get_state(),
                     torch_rng=torch.get_rng_state(),
                     align=align_state,
+                    flex=flex.state_dict() if flex is not None else None,
                     history=history,
                     best=best,
                     step=done,

@@ -53,6 +53,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
     ap.add_argument("--ema", type=float, default=d.ema)
     ap.add_argument("--dist-align", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--flex", action="store_true", help="FlexMatch class-wise thresholds")
     ap.add_argument("--magnitude", type=float, default=d.magnitude)
     ap.add_argument("--cutout", type=float, default=d.cutout)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -89,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weight_decay=args.weight_decay,
         ema=args.ema,
         dist_align=args.dist_align,
+        flex=args.flex,
         magnitude=args.magnitude,
         cutout=args.cutout,
         eval_every=args.eval_every,
