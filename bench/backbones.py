@@ -3,8 +3,11 @@
     python bench/backbones.py [--arch ViT-B-32] [--batches 1 8 32] [--seconds 3]
 
 Exports the open_clip architecture (random weights: throughput does not
-depend on them) into a temporary model folder, then times the image tower
-at each batch size in interleaved rounds and prints images/s and the ratio.
+depend on them) into temporary model folders - fused float32 (the default
+export), plain float32, and fused with int8 MatMul weights (``--int8``) -
+then times the image tower at each batch size in interleaved rounds and
+prints images/s and the ratios to torch eager (float32). It also prints the
+int8 tower's worst cosine to the float32 tower on the timed batches.
 """
 
 from __future__ import annotations
@@ -47,11 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"exporting {args.arch} (random weights) ...", file=sys.stderr)
+        # open_clip draws random weights from torch's global generator: the same seed
+        # before each export gives the three folders the same weights
+        torch.manual_seed(0)
         folder = export_open_clip(args.arch, f"{tmp}/model")
+        torch.manual_seed(0)
         plain = export_open_clip(args.arch, f"{tmp}/plain", fuse=False)
+        torch.manual_seed(0)
+        quant = export_open_clip(args.arch, f"{tmp}/int8", int8=True)
         cfg = OnnxConfig(intra_op_threads=args.threads)
         ort_rt = OnnxRuntime(load_model(folder.path), cfg)
         plain_rt = OnnxRuntime(load_model(plain.path), cfg)
+        int8_rt = OnnxRuntime(load_model(quant.path), cfg)
+        worst_cos = 1.0
         model = open_clip.create_model(args.arch, pretrained=None).eval()
         size = tuple(folder.manifest.preprocess["size"])
         rows = []
@@ -69,20 +80,27 @@ def main(argv: list[str] | None = None) -> int:
             def run_plain(pixels: np.ndarray = pixels) -> object:
                 return plain_rt.encode_images(pixels)
 
-            fns = {"ort": run_ort, "plain": run_plain, "torch": run_torch}
+            def run_int8(pixels: np.ndarray = pixels) -> object:
+                return int8_rt.encode_images(pixels)
+
+            a, b = int8_rt.encode_images(pixels), ort_rt.encode_images(pixels)
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            worst_cos = min(worst_cos, float(cos.min()))
+            fns = {"ort": run_ort, "plain": run_plain, "int8": run_int8, "torch": run_torch}
             best = dict.fromkeys(fns, 0.0)
             for _ in range(args.rounds):
                 for name, fn in fns.items():
                     best[name] = max(best[name], images_per_s(fn, batch, args.seconds))
-            rows.append((batch, best["ort"], best["plain"], best["torch"]))
+            rows.append((batch, best["ort"], best["plain"], best["int8"], best["torch"]))
     print(f"{args.arch} image tower, {args.threads} threads, best of {args.rounds} rounds")
     print(
-        "| batch | onnxruntime (fused) img/s | onnxruntime (plain export) img/s "
-        "| torch eager img/s | fused vs torch |"
+        "| batch | onnxruntime fp32 (fused) img/s | onnxruntime fp32 (plain export) img/s "
+        "| onnxruntime int8 img/s | torch eager fp32 img/s | fp32 vs torch | int8 vs torch |"
     )
-    print("|---|---|---|---|---|")
-    for batch, o, p, t in rows:
-        print(f"| {batch} | {o:.1f} | {p:.1f} | {t:.1f} | {o / t:.2f}x |")
+    print("|---|---|---|---|---|---|---|")
+    for batch, o, p, q, t in rows:
+        print(f"| {batch} | {o:.1f} | {p:.1f} | {q:.1f} | {t:.1f} | {o / t:.2f}x | {q / t:.2f}x |")
+    print(f"int8 vs float32 tower, worst cosine over the timed batches: {worst_cos:.6f}")
     return 0
 
 

@@ -25,6 +25,8 @@ from server.runtimes.base import IMAGE_INPUT, OUTPUT, TEXT_INPUT
 FORMAT_VERSION = 1
 MANIFEST = "protoserve.json"
 TOWERS = ("image", "text")
+# Tower weights: float32, float16, or float32 with int8-quantized MatMul weights.
+PRECISIONS = ("fp32", "fp16", "int8")
 METRICS = ("cosine", "ip", "l2")
 
 
@@ -38,7 +40,7 @@ class TowerSpec:
     sha256: str
     input: str
     output: str = OUTPUT
-    precision: str = "fp32"
+    precision: str = "fp32"  # one of PRECISIONS (inputs and outputs are float32 in all)
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,8 @@ def parse_manifest(data: Any, where: str = MANIFEST) -> Manifest:
             output=spec.get("output", OUTPUT),
             precision=spec.get("precision", "fp32"),
         )
-        if towers[tower].precision not in ("fp32", "fp16"):
-            raise ModelRepoError(f"{w}.precision must be fp32 or fp16")
+        if towers[tower].precision not in PRECISIONS:
+            raise ModelRepoError(f"{w}.precision must be one of {', '.join(PRECISIONS)}")
     preprocess = _require(data, "preprocess", dict, where)
     tokenizer = None
     if "text" in towers:

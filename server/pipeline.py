@@ -259,13 +259,17 @@ class Pipeline:
         return out
 
     def embed_images(self, model: str | _Model, images: Sequence[bytes]) -> FloatArray:
-        """[N, dim] embeddings: decode on the pool, then through the model's batcher."""
+        """[N, dim] embeddings: decode (one image in the calling thread, several on the pool),
+        then through the model's batcher."""
         m = self.model(model) if isinstance(model, str) else model
         self._check_count(len(images))
         if not images:
             return np.zeros((0, m.folder.manifest.embedding_dim), np.float32)
-        decoded = [self._pool.submit(self._preprocess, m, b, i) for i, b in enumerate(images)]
-        pixels = [f.result() for f in decoded]  # raises the first bad image's error, in order
+        if len(images) == 1:  # a pool hand-off would cost more than it overlaps
+            pixels = [self._preprocess(m, images[0], 0)]
+        else:
+            decoded = [self._pool.submit(self._preprocess, m, b, i) for i, b in enumerate(images)]
+            pixels = [f.result() for f in decoded]  # the first bad image's error, in order
         futures: list[Future[FloatArray]] = m.batcher.submit_many(pixels)
         return np.stack([f.result() for f in futures]).astype(np.float32, copy=False)
 

@@ -27,6 +27,19 @@ def test_kernels_bench() -> None:
     assert "FAISS" in out or "faiss" in out
 
 
+@pytest.mark.slow
+def test_backbones_bench() -> None:
+    pytest.importorskip("open_clip")
+    out = run_bench(
+        "bench/backbones.py",
+        "--arch", "ViT-S-32", "--batches", "1", "--seconds", "0.1", "--rounds", "1",
+        "--threads", "1",
+    )  # fmt: skip
+    assert "int8 vs torch" in out
+    worst = float(out.rsplit("worst cosine over the timed batches:", 1)[1].split()[0])
+    assert worst >= 0.999  # the three exports share their random weights
+
+
 @needs_run
 @pytest.mark.slow
 def test_serving_bench() -> None:

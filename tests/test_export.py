@@ -139,6 +139,31 @@ def test_fp16_export(tiny_arch: str, tmp_path: Path) -> None:
     assert big and all(w.data_type == onnx.TensorProto.FLOAT16 for w in big)
 
 
+def test_int8_export(exported, tiny_arch: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """MatMul weights quantized to int8, float32 I/O, embeddings close to float32's."""
+    import onnx
+
+    folder = export_open_clip(tiny_arch, tmp_path / "q", checkpoint=tiny_checkpoint, int8=True)
+    for tower in ("image", "text"):
+        assert folder.manifest.towers[tower].precision == "int8"
+        graph = onnx.load(str(folder.tower_path(tower))).graph
+        assert any(n.op_type == "MatMulInteger" for n in graph.node), tower
+        ints = [w for w in graph.initializer if w.data_type == onnx.TensorProto.INT8]
+        assert ints, tower
+    q_rt = OnnxRuntime(load_model(folder.path), OnnxConfig())
+    f_rt = OnnxRuntime(load_model(exported.path), OnnxConfig())
+    pixels = np.random.default_rng(3).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    assert cosine(q_rt.encode_images(pixels), f_rt.encode_images(pixels)).min() >= 0.999
+    assert cosine(q_rt.encode_texts(TEXTS), f_rt.encode_texts(TEXTS)).min() >= 0.999
+    with pytest.raises(ExportError, match="fp16 or int8"):
+        export_open_clip(tiny_arch, tmp_path / "both", fp16=True, int8=True)
+    assert not (tmp_path / "both").exists()
+    # a threshold no quantized model meets fails the export and leaves nothing behind
+    with pytest.raises(ExportError, match="parity"):
+        export_open_clip(tiny_arch, tmp_path / "strict", int8=True, min_cosine=1.0 + 1e-9)
+    assert not (tmp_path / "strict").exists()
+
+
 def test_cli_export(tiny_arch: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli_main(["export", "open-clip", "--arch", tiny_arch, "--out", str(tmp_path / "m")])
     assert rc == 0 and "exported" in capsys.readouterr().out
