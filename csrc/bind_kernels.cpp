@@ -116,6 +116,11 @@ PYBIND11_MODULE(_kernels, m) {
     set_num_threads(n);
   });
   m.def("num_threads", &num_threads);
+  m.def("set_min_parallel_macs", [](int64_t macs) {
+    if (macs < 0) throw py::value_error("min_parallel_macs must be >= 0");
+    set_min_parallel_macs(macs);
+  });
+  m.def("min_parallel_macs", &min_parallel_macs);
   m.def("simd_level", &simd_level);
   m.def("best_simd_level", &best_simd_level);
   m.def("set_simd_level", [](const std::string& name) {

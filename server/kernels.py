@@ -49,8 +49,10 @@ __all__ = [
     "HAS_CUDA",
     "PrototypeMatrix",
     "best_simd_level",
+    "min_parallel_macs",
     "num_threads",
     "scores",
+    "set_min_parallel_macs",
     "set_num_threads",
     "set_simd_level",
     "simd_level",
@@ -290,6 +292,18 @@ def set_num_threads(n: int) -> None:
     if n < 1:
         raise ValueError(f"thread count must be positive, got {n}")
     _kernels.set_num_threads(int(n))
+
+
+def set_min_parallel_macs(macs: int) -> None:
+    """Calls smaller than ``macs`` multiply-adds (queries x prototypes x dim; default 2**19)
+    run in the calling thread instead of the thread pool; 0 always splits the work."""
+    if isinstance(macs, bool) or not isinstance(macs, int | np.integer) or macs < 0:
+        raise ValueError(f"min_parallel_macs must be a non-negative integer, got {macs!r}")
+    _kernels.set_min_parallel_macs(int(macs))
+
+
+def min_parallel_macs() -> int:
+    return int(_kernels.min_parallel_macs())
 
 
 def num_threads() -> int:

@@ -13,6 +13,18 @@ from hypothesis import strategies as st
 from server import kernels as K
 from tests.kernel_reference import check_topk, ref_scores, ref_topk, tolerance
 
+
+@pytest.fixture(autouse=True)
+def always_split():
+    """Small calls normally run in the calling thread (``min_parallel_macs``); these tests
+    split every call over the pool, so the chunking and merging paths see the small,
+    adversarial shapes too. ``test_small_calls_run_inline_with_the_same_answers`` covers
+    the default."""
+    before = K.min_parallel_macs()
+    K.set_min_parallel_macs(0)
+    yield
+    K.set_min_parallel_macs(before)
+
 METRICS = ["cosine", "ip", "l2"]
 DTYPES = ["float32", "bfloat16"]
 # bf16 scans may swap near-equal candidates before the exact re-rank; the
@@ -347,6 +359,22 @@ def test_concurrent_edits_and_scans_are_safe():
         t.join()
     assert not errors
     assert len(pm) == 100 + 200 * 50
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_small_calls_run_inline_with_the_same_answers(dtype):
+    rng = np.random.default_rng(21)
+    q, p = gaussian(rng, 3, 40), gaussian(rng, 37, 40)
+    pm = K.PrototypeMatrix(p, dtype=dtype, metric="l2")
+    split = K.topk(q, pm, 5), K.scores(q, pm)
+    K.set_min_parallel_macs(1 << 40)  # everything inline
+    assert K.min_parallel_macs() == 1 << 40
+    inline = K.topk(q, pm, 5), K.scores(q, pm)
+    assert (split[0][1] == inline[0][1]).all()
+    np.testing.assert_array_equal(split[0][0], inline[0][0])
+    np.testing.assert_array_equal(split[1], inline[1])
+    with pytest.raises(ValueError):
+        K.set_min_parallel_macs(-1)
 
 
 def test_thread_count_is_configurable():

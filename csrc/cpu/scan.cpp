@@ -3,6 +3,7 @@
 // in L2 while every query block passes over it, and hands the micro-kernel's
 // raw dot products to a sink (bounded top-k heaps, or the score matrix).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +22,11 @@ namespace {
 
 constexpr size_t kTileBytes = 512u << 10;  // panels kept hot in L2 per tile
 constexpr int64_t kMinPanelsPerChunk = 32;
+// Below this many multiply-adds (default 2^19, about 30 us on one core) a
+// call runs in the calling thread: waking the pool would cost more than it
+// saves, and many small concurrent calls (one per served request) would
+// contend for it.
+std::atomic<int64_t> g_min_parallel_macs{int64_t(1) << 19};
 
 // Queries as the scan reads them: normalised rows (kept for the exact
 // bf16 re-rank), their squared norms, and a copy packed per block of at most
@@ -85,6 +91,12 @@ PreparedQueries prepare(const PrototypeStore& store, const MicroKernels& mk, con
 struct Task {
   int64_t b0, b1, p0, p1;  // query blocks [b0, b1), panels [p0, p1)
 };
+
+// Threads worth using for nq queries against rows prototypes of dim floats.
+int threads_for(int64_t nq, int64_t rows, int64_t dim) {
+  if (nq * rows * dim < g_min_parallel_macs.load(std::memory_order_relaxed)) return 1;
+  return ThreadPool::instance().num_threads();
+}
 
 // Splits the work so every thread has a share: over prototype panels first
 // (one pass over memory, as for a single query), then over query blocks.
@@ -199,7 +211,7 @@ void topk(const PrototypeStore& store, const float* queries, int64_t nq, int k, 
 
   int n_c = 1;
   const std::vector<Task> tasks =
-      make_tasks(pq.blocks(), store.panels(), ThreadPool::instance().num_threads(), &n_c);
+      make_tasks(pq.blocks(), store.panels(), threads_for(nq, rows, store.dim()), &n_c);
   // Heaps: for chunk c and query q, slot (c * nq + q) * cand: chunk-major,
   // so threads scanning different chunks never share a cache line.
   const size_t slots = static_cast<size_t>(nq) * n_c;
@@ -269,7 +281,7 @@ void all_scores(const PrototypeStore& store, const float* queries, int64_t nq, f
   const int metric = store.metric();
   int n_c = 1;
   const std::vector<Task> tasks =
-      make_tasks(pq.blocks(), store.panels(), ThreadPool::instance().num_threads(), &n_c);
+      make_tasks(pq.blocks(), store.panels(), threads_for(nq, rows, store.dim()), &n_c);
   ThreadPool::instance().run(static_cast<int>(tasks.size()), [&](int ti) {
     scan_task(store, mk, pq, tasks[ti], [&](int64_t q, int64_t base, const float* dots, int valid) {
       float* o = out + q * rows + base;
@@ -293,6 +305,8 @@ double read_sum(const float* data, int64_t n) {
 }
 
 void set_num_threads(int n) { ThreadPool::instance().set_num_threads(n); }
+void set_min_parallel_macs(int64_t macs) { g_min_parallel_macs.store(macs); }
+int64_t min_parallel_macs() { return g_min_parallel_macs.load(); }
 int num_threads() { return ThreadPool::instance().num_threads(); }
 
 }  // namespace protoserve

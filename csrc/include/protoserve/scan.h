@@ -27,5 +27,9 @@ double read_sum(const float* data, int64_t n);
 
 void set_num_threads(int n);
 int num_threads();
+// Calls below this many multiply-adds (queries x prototypes x dim) run in
+// the calling thread instead of the pool.
+void set_min_parallel_macs(int64_t macs);
+int64_t min_parallel_macs();
 
 }  // namespace protoserve
