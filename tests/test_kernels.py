@@ -25,6 +25,7 @@ def always_split():
     yield
     K.set_min_parallel_macs(before)
 
+
 METRICS = ["cosine", "ip", "l2"]
 DTYPES = ["float32", "bfloat16"]
 # bf16 scans may swap near-equal candidates before the exact re-rank; the
