@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -63,18 +64,33 @@ def time_calls(fn: Callable[[], object], iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def methods(q: object, p32: object, p16: object, k: int) -> dict[str, Callable[[], object]]:
+def with_kernels(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with PROTOSERVE_CUDA_TILED=mode (auto, always, never) set for each call."""
+
+    def call() -> object:
+        os.environ["PROTOSERVE_CUDA_TILED"] = mode
+        return fn()
+
+    return call
+
+
+def methods(
+    q: object, p32: object, p16: object, k: int, modes: Sequence[str] = ()
+) -> dict[str, Callable[[], object]]:
     import torch
 
     from server import kernels as K
 
     q16 = q.to(torch.bfloat16)  # type: ignore[attr-defined]
-    return {
-        "ours fp32": lambda: K.topk(q, p32, k, metric="ip"),
-        "ours bf16": lambda: K.topk(q, p16, k, metric="ip"),
+    out = {
+        "ours fp32": with_kernels("auto", lambda: K.topk(q, p32, k, metric="ip")),
+        "ours bf16": with_kernels("auto", lambda: K.topk(q, p16, k, metric="ip")),
         "torch fp32": lambda: torch.topk(q @ p32.T, k, dim=1),  # type: ignore[attr-defined]
         "torch bf16": lambda: torch.topk(q16 @ p16.T, k, dim=1),  # type: ignore[attr-defined]
     }
+    for mode in modes:  # the kernel choice forced, to find where each kernel wins
+        out[f"ours fp32 {mode}"] = with_kernels(mode, lambda: K.topk(q, p32, k, metric="ip"))
+    return out
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> float:
@@ -86,7 +102,9 @@ def copy_bandwidth(nbytes: int, repeats: int) -> float:
     return 2 * nbytes / best / 1e9
 
 
-def run_shape(q_n: int, c: int, d: int, k: int, repeats: int) -> dict[str, object]:
+def run_shape(
+    q_n: int, c: int, d: int, k: int, repeats: int, modes: Sequence[str] = ()
+) -> dict[str, object]:
     import torch
 
     from server import kernels as K
@@ -95,7 +113,7 @@ def run_shape(q_n: int, c: int, d: int, k: int, repeats: int) -> dict[str, objec
     q = torch.randn(q_n, d, device="cuda", generator=g)
     p32 = torch.randn(c, d, device="cuda", generator=g)
     p16 = p32.to(torch.bfloat16)
-    fns = methods(q, p32, p16, k)
+    fns = methods(q, p32, p16, k, modes)
     ours_i = K.topk(q, p32, k, metric="ip")[1][:, 0]
     torch_i = torch.topk(q @ p32.T, k, dim=1)[1][:, 0]
     agree = float((ours_i == torch_i).float().mean())
@@ -145,6 +163,7 @@ def profile_calls(shape: str, k: int, calls: int = 300) -> str:
 
     from server import kernels as K
 
+    os.environ["PROTOSERVE_CUDA_TILED"] = "auto"
     qn, c, d = (int(x) for x in shape.lower().split("x"))
     q = torch.randn(qn, d, device="cuda")
     p = torch.randn(c, d, device="cuda")
@@ -166,13 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", help="also write the raw timings here")
     parser.add_argument("--profile", metavar="QxCxD", help="also profile the per-call overhead")
+    parser.add_argument(
+        "--kernel-modes",
+        nargs="*",
+        default=[],
+        choices=["always", "never"],
+        help="also time ours fp32 with the tiled kernels forced on (always) or off (never)",
+    )
     args = parser.parse_args(argv)
     torch = _torch()
     device = torch.cuda.get_device_name()  # type: ignore[attr-defined]
     results = []
     for text in args.shapes:
         qn, c, d = (int(x) for x in text.lower().split("x"))
-        results.append(run_shape(qn, c, d, args.k, args.repeats))
+        results.append(run_shape(qn, c, d, args.k, args.repeats, args.kernel_modes))
         print(f"  measured ({qn}, {c}, {d})", file=sys.stderr, flush=True)
     max_bytes = max(int(np.prod(r["shape"][1:])) * 4 for r in results)  # type: ignore[index]
     bw = copy_bandwidth(max(max_bytes, 1 << 28), args.repeats)

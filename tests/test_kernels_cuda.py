@@ -104,6 +104,14 @@ def dev() -> Device:
     return Device(fw)
 
 
+@pytest.fixture(params=["auto", "always", "never"])
+def kernel_choice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the kernels' own choice, then forcing the tiled kernels, then the
+    per-query ones (PROTOSERVE_CUDA_TILED), so both paths see every shape."""
+    monkeypatch.setenv("PROTOSERVE_CUDA_TILED", request.param)
+    return str(request.param)
+
+
 def assert_topk_like_cpu(
     dev: Device, q: np.ndarray, p_ref: np.ndarray, k: int, metric: str, s: Any, i: Any
 ) -> None:
@@ -147,7 +155,7 @@ SHAPES = [
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("q", "c", "d", "k"), SHAPES)
-def test_topk_matches_cpu(dev, metric, dtype, q, c, d, k):
+def test_topk_matches_cpu(dev, kernel_choice, metric, dtype, q, c, d, k):
     rng = np.random.default_rng(q * 1000 + c + d)
     queries, protos = gaussian(rng, q, d), gaussian(rng, c, d)
     p_ref = bf16_round(protos) if dtype == "bfloat16" else protos
@@ -172,7 +180,7 @@ def test_topk_matches_cpu(dev, metric, dtype, q, c, d, k):
         (200, 1000, 32),
     ],
 )
-def test_scores_match_cpu(dev, metric, dtype, q, c, d):
+def test_scores_match_cpu(dev, kernel_choice, metric, dtype, q, c, d):
     rng = np.random.default_rng(7 + d)
     queries, protos = gaussian(rng, q, d), gaussian(rng, c, d)
     p_ref = bf16_round(protos) if dtype == "bfloat16" else protos
@@ -189,7 +197,7 @@ def test_scores_match_cpu(dev, metric, dtype, q, c, d):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [5, 20])  # the per-query and the tiled kernel
-def test_ties_go_to_the_lower_index(dev, metric, dtype, n):
+def test_ties_go_to_the_lower_index(dev, kernel_choice, metric, dtype, n):
     rng = np.random.default_rng(3)
     base = gaussian(rng, n, 19)
     protos = np.concatenate([base, base, base, base[::-1]])  # every row 4 times
@@ -207,7 +215,7 @@ def test_ties_go_to_the_lower_index(dev, metric, dtype, n):
     ("nq", "c", "k"),
     [(2, 3000, 10), (2, 5000, 256), (2, 600, 300), (2, 100, 100), (33, 5000, 10), (20, 700, 64)],
 )
-def test_identical_rows_across_chunks_keep_index_order(dev, metric, nq, c, k):
+def test_identical_rows_across_chunks_keep_index_order(dev, kernel_choice, metric, nq, c, k):
     rng = np.random.default_rng(c + k)
     row = gaussian(rng, 1, 37)
     queries = gaussian(rng, nq, 37)
@@ -265,7 +273,7 @@ def test_inputs_are_made_contiguous_and_float32(dev):
 
 @gpu_test
 @pytest.mark.parametrize("nq", [2, 40])  # the per-query and the tiled kernels
-def test_bad_input_raises_clear_errors(dev, nq):
+def test_bad_input_raises_clear_errors(dev, kernel_choice, nq):
     rng = np.random.default_rng(1)
     dq = dev.put(gaussian(rng, nq, 8))
     with pytest.raises(ValueError, match="dimension"):

@@ -287,7 +287,7 @@ template <typename PT>
 void run_scores(const float* q, const void* pv, int64_t nq, int64_t nc, int64_t d, int metric,
                 float* out, int* flags, cudaStream_t st) {
   const PT* p = static_cast<const PT*>(pv);
-  if (nq >= kTiledMinQ) {
+  if (use_tiled(nq, nc, 0)) {
     auto* kernel = &scores_tiled_kernel<PT>;
     allow_smem(kernel, kTileSmemBytes);
     const dim3 grid(static_cast<unsigned>(ceil_div(nc, kTC)),

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <climits>
 #include <stdexcept>
 #include <string>
@@ -38,6 +39,10 @@ constexpr int kRowsInFlight = 4;
 constexpr int kTQ = 64;
 constexpr int kTC = 128;
 constexpr int64_t kTiledMinQ = 16;
+// ...and only when the tiles (query tiles x prototype tiles) are at least this
+// many; fewer tiles leave most of the GPU idle, and the per-query kernel
+// spreads the same work over more blocks.
+constexpr int64_t kTiledMinTiles = 0;
 constexpr int64_t kTiledMaxK = 64;
 constexpr int64_t kTiledTargetBlocks = 528;
 // The first bytes of every workspace: two int flags (non-finite queries,
@@ -108,6 +113,34 @@ class DeviceBuffer {
   void* ptr_ = nullptr;
 };
 
+// ---------------------------------------------------------------- kernel choice
+
+// PROTOSERVE_CUDA_TILED=always|never overrides the choice between the tiled
+// and the per-query kernels (for benchmarks and tests; unset or auto: the
+// rule below).  Read on every call.
+enum class TiledMode { kAuto, kAlways, kNever };
+
+inline TiledMode tiled_mode() {
+  const char* v = std::getenv("PROTOSERVE_CUDA_TILED");
+  if (v == nullptr) return TiledMode::kAuto;
+  const std::string s(v);
+  if (s == "always") return TiledMode::kAlways;
+  if (s == "never") return TiledMode::kNever;
+  return TiledMode::kAuto;
+}
+
+// Whether nq queries against nc prototypes (k' = kc, or 0 for `scores`)
+// take the tiled kernels.
+inline bool use_tiled(int64_t nq, int64_t nc, int64_t kc) {
+  if (kc > kTiledMaxK) return false;  // the tiled top-k keeps kTQ heaps of kc in shared memory
+  switch (tiled_mode()) {
+    case TiledMode::kAlways: return nq > 0;
+    case TiledMode::kNever: return false;
+    case TiledMode::kAuto: break;
+  }
+  return nq >= kTiledMinQ && ceil_div(nq, kTQ) * ceil_div(nc, kTC) >= kTiledMinTiles;
+}
+
 // ---------------------------------------------------------------- layout
 
 // Shared bytes of kWarps heaps of capacity kc: int64 indices first (8-byte
@@ -130,7 +163,7 @@ TopkPlan plan_topk(int64_t nq, int64_t nc, int64_t k) {
   TopkPlan p{};
   p.kc = std::min(k, nc);
   if (nq <= 0 || p.kc <= 0) return p;
-  p.tiled = nq >= kTiledMinQ && p.kc <= kTiledMaxK;
+  p.tiled = use_tiled(nq, nc, p.kc);
   int64_t chunks;
   if (p.tiled) {
     const int64_t tiles = ceil_div(nc, kTC);
