@@ -41,8 +41,10 @@ constexpr int kTC = 128;
 constexpr int64_t kTiledMinQ = 16;
 // ...and only when the tiles (query tiles x prototype tiles) are at least this
 // many; fewer tiles leave most of the GPU idle, and the per-query kernel
-// spreads the same work over more blocks.
-constexpr int64_t kTiledMinTiles = 0;
+// spreads the same work over more blocks.  Measured on an H200 (D = 512,
+// docs/kernels/cuda-h200-crossover.json): per-query 1.5-2x faster at 8 and 32
+// tiles, a tie at 79, tiled 1.6-4.7x faster from 316.
+constexpr int64_t kTiledMinTiles = 64;
 constexpr int64_t kTiledMaxK = 64;
 constexpr int64_t kTiledTargetBlocks = 528;
 // The first bytes of every workspace: two int flags (non-finite queries,
