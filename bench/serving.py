@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         help="run the server as a subprocess (default) or in this process",
     )
     p.add_argument("--max-batch-size", type=int, default=32, help="batching on (default 32)")
-    p.add_argument("--max-delay-ms", type=float, default=5.0, help="batcher delay (default 5)")
+    p.add_argument(
+        "--max-delay-ms", type=float, default=0.0, help="batcher delay (default 0, the server's)"
+    )
     p.add_argument("--workers", type=int, default=64, help="server gRPC threads (default 64)")
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--visibility-trials", type=int, default=20, help="0: skip")

@@ -68,7 +68,7 @@ class LimitExceeded(ServingError):
 @dataclass(frozen=True)
 class PipelineOptions:
     max_batch_size: int = 32
-    max_delay_s: float = 0.005
+    max_delay_s: float = 0.0  # as ServerConfig.max_delay_ms
     max_queue: int = 1024
     decode_threads: int = 4
     max_images_per_request: int = 256
