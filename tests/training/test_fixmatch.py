@@ -43,12 +43,17 @@ def test_pseudo_labels_mask_and_threshold_exact() -> None:
         pseudo_labels(probs, 1.5)
 
 
-def test_masked_rows_do_not_contribute_to_the_unlabeled_loss() -> None:
+def linear_case(n_unlabeled: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 3-class linear model on 2x2 images, 2 labeled and ``n_unlabeled`` unlabeled ones."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     model.num_classes = 3  # type: ignore[assignment]
     xl, yl = torch.randn(2, 1, 2, 2), torch.tensor([0, 1])
-    xu = torch.randn(5, 1, 2, 2)
+    return model, xl, yl, torch.randn(n_unlabeled, 1, 2, 2)
+
+
+def test_masked_rows_do_not_contribute_to_the_unlabeled_loss() -> None:
+    model, xl, yl, xu = linear_case(5)
     cfg = FixMatchConfig(tau=1.0, lambda_u=1.0)  # nothing reaches probability 1
     loss, st = fixmatch_loss(model, xl, yl, xu, xu, cfg)
     assert st["mask"] == 0.0 and st["loss_u"] == 0.0

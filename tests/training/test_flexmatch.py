@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from tests.training.test_fixmatch import _tiny_model, _toy  # noqa: E402
+from tests.training.test_fixmatch import _tiny_model, _toy, linear_case  # noqa: E402
 from training.finetune import accuracy  # noqa: E402
 from training.fixmatch import FixMatchConfig, fixmatch, fixmatch_loss  # noqa: E402
 from training.flexmatch import ClassThresholds, convex_map  # noqa: E402
@@ -49,11 +49,7 @@ def test_thresholds_by_hand() -> None:
 
 
 def test_loss_uses_the_class_thresholds() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    model.num_classes = 3  # type: ignore[assignment]
-    xl, yl = torch.randn(2, 1, 2, 2), torch.tensor([0, 1])
-    xu = torch.randn(6, 1, 2, 2)
+    model, xl, yl, xu = linear_case(6)
     cfg = FixMatchConfig(tau=1.0)
     _, fixed = fixmatch_loss(model, xl, yl, xu, xu, cfg)
     assert fixed["mask"] == 0.0  # nothing reaches probability 1
