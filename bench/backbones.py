@@ -7,7 +7,11 @@ depend on them) into temporary model folders - fused float32 (the default
 export), plain float32, and fused with int8 MatMul weights (``--int8``) -
 then times the image tower at each batch size in interleaved rounds and
 prints images/s and the ratios to torch eager (float32). It also prints the
-int8 tower's worst cosine to the float32 tower on the timed batches.
+int8 tower's worst cosine to the float32 tower on the timed batches, and
+where float32 stands against the machine: the tower's multiply-adds per image
+(counted by torch's FlopCounterMode) against the float32 GEMM ceiling measured
+in the same run (the best of numpy's and torch's 2048^3 matmul), so a float32
+figure near 100% of that ceiling cannot be beaten by any float32 runtime.
 """
 
 from __future__ import annotations
@@ -29,6 +33,43 @@ def images_per_s(fn: Callable[[], object], batch: int, seconds: float) -> float:
         fn()
         n += 1
     return n * batch / (time.perf_counter() - t0)
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_ceiling_gflops(torch_mod: object) -> float:
+    """float32 GEMM GFLOP/s on this machine: the better of numpy's BLAS and torch."""
+    torch = torch_mod
+    a = np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32)
+    ta = torch.from_numpy(a)  # type: ignore[attr-defined]
+    flops = 2 * 2048**3
+    return max(flops / best_seconds(lambda: a @ a), flops / best_seconds(lambda: ta @ ta)) / 1e9
+
+
+def tower_flops(model: object, size: tuple[int, ...]) -> float:
+    """Floating-point operations (2 per multiply-add) of one image through the tower."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    # nn.MultiheadAttention's inference fast path is one fused op the counter does
+    # not see: count the same maths through the unfused path
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), counter:
+            model.encode_image(torch.zeros(1, 3, *size))  # type: ignore[attr-defined]
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return float(counter.get_total_flops())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, fn in fns.items():
                     best[name] = max(best[name], images_per_s(fn, batch, args.seconds))
             rows.append((batch, best["ort"], best["plain"], best["int8"], best["torch"]))
+        flops = tower_flops(model, size)
+        gemm = gemm_ceiling_gflops(torch)
     print(f"{args.arch} image tower, {args.threads} threads, best of {args.rounds} rounds")
     print(
         "| batch | onnxruntime fp32 (fused) img/s | onnxruntime fp32 (plain export) img/s "
@@ -101,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     for batch, o, p, q, t in rows:
         print(f"| {batch} | {o:.1f} | {p:.1f} | {q:.1f} | {t:.1f} | {o / t:.2f}x | {q / t:.2f}x |")
     print(f"int8 vs float32 tower, worst cosine over the timed batches: {worst_cos:.6f}")
+    print(
+        f"float32 against the machine: {flops / 1e9:.2f} GFLOP per image; "
+        f"float32 GEMM ceiling {gemm:.0f} GFLOP/s (same run), "
+        f"so at most {gemm * 1e9 / flops:.1f} img/s in float32"
+    )
+    print("| batch | onnxruntime fp32 % of ceiling | torch eager fp32 % of ceiling |")
+    print("|---|---|---|")
+    for batch, o, _p, _q, t in rows:
+        share = [100 * ips * flops / 1e9 / gemm for ips in (o, t)]
+        print(f"| {batch} | {share[0]:.0f}% | {share[1]:.0f}% |")
     return 0
 
 

@@ -49,6 +49,12 @@ def metatrain_args(p: argparse.ArgumentParser) -> None:
         help="conv4, resnet12, open_clip:<arch>[@<tag>], timm:<name>",
     )
     g.add_argument("--hidden", type=int, help="conv4 width (default 64)")
+    g.add_argument(
+        "--pools",
+        type=int,
+        choices=range(5),
+        help="conv4 blocks that max-pool, from the first (default 4; 3 keeps a 3x3 map at 28 px)",
+    )
     g.add_argument("--widths", type=int, nargs=4, help="resnet12 widths (default 64 160 320 640)")
     g.add_argument(
         "--method", default=d.method, choices=["protonet", "matching", "relation", "maml", "fomaml"]
@@ -111,7 +117,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
     }
     if list(args.scale) != [1.0, 1.0]:
         aug["scale"] = list(args.scale)
-    backbone_opts = {k: v for k, v in (("hidden", args.hidden), ("widths", args.widths)) if v}
+    backbone_opts = {
+        k: v
+        for k, v in (("hidden", args.hidden), ("widths", args.widths), ("pools", args.pools))
+        if v is not None
+    }
     method_opts = {
         k: v for k, v in (("inner_lr", args.inner_lr), ("inner_steps", args.inner_steps)) if v
     }

@@ -103,6 +103,11 @@ def test_backbones() -> None:
     assert Conv4(1)(x).shape == (2, 64)
     assert ResNet12(1, widths=(8, 8, 16, 16))(x).shape == (2, 16)
     assert create_backbone("conv4", 3, hidden=8)(torch.zeros(1, 3, 84, 84)).shape == (1, 200)
+    # pools=3: the last block keeps its 3x3 map on 28x28 input (28 -> 14 -> 7 -> 3)
+    assert create_backbone("conv4", pools=3)(x).shape == (2, 64 * 3 * 3)
+    assert Conv4(1, hidden=4, pools=0)(x).shape == (2, 4 * 28 * 28)
+    with pytest.raises(ValueError, match="pools must be 0..4"):
+        Conv4(1, pools=5)
     with pytest.raises(ValueError, match="unknown backbone"):
         create_backbone("vgg")
     with pytest.raises(ValueError, match="unknown method"):

@@ -1,6 +1,10 @@
 """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): four blocks of 3x3 conv, batch norm, ReLU
 and 2x2 max-pool. On 28x28 Omniglot the output is 64 x 1 x 1, a 64-d embedding; on 84x84
-images it is 64 x 5 x 5 = 1,600-d."""
+images it is 64 x 5 x 5 = 1,600-d.
+
+``pools`` (default 4) is how many of the blocks end with the max-pool, counted from the first:
+``pools=3`` keeps the last block's 3 x 3 map on 28x28 input, a 576-d embedding that keeps
+where each stroke is, for the same convolution cost."""
 
 from __future__ import annotations
 
@@ -20,15 +24,17 @@ def conv_block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
 
 
 class Conv4(nn.Module):
-    def __init__(self, in_channels: int = 1, hidden: int = 64, out: int | None = None) -> None:
+    def __init__(
+        self, in_channels: int = 1, hidden: int = 64, out: int | None = None, pools: int = 4
+    ) -> None:
         super().__init__()
+        if not 0 <= pools <= 4:
+            raise ValueError(f"Conv4 pools must be 0..4, got {pools}")
         out = out or hidden
         self.in_channels = in_channels
+        channels = [in_channels, hidden, hidden, hidden, out]
         self.encoder = nn.Sequential(
-            conv_block(in_channels, hidden),
-            conv_block(hidden, hidden),
-            conv_block(hidden, hidden),
-            conv_block(hidden, out),
+            *(conv_block(channels[i], channels[i + 1], pool=i < pools) for i in range(4))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
