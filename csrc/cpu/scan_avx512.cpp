@@ -40,6 +40,22 @@ void dot_f32_block(const float* q, const float* panels, size_t pstride, int dim,
     for (int p = 0; p < NP; ++p) _mm512_storeu_ps(out + i * ldo + p * kLanes, acc[i][p]);
 }
 
+// A bf16 scan of one or two queries is bound by memory, and each VDPBF16PS
+// step covers fewer bytes per cycle than an FMA step, so the out-of-order
+// window alone keeps too few lines in flight: every panel stream is also
+// prefetched kStreamAhead lines ahead of its loads.
+constexpr int kStreamAhead = 24;
+
+template <int NQ, int NP>
+inline void prefetch_streams(const uint16_t* panels, size_t pstride, int j) {
+  if constexpr (NQ <= 2) {
+    for (int p = 0; p < NP; ++p)
+      _mm_prefetch(reinterpret_cast<const char*>(
+                       panels + p * pstride + static_cast<size_t>(j + kStreamAhead) * 2 * kLanes),
+                   _MM_HINT_T0);
+  }
+}
+
 #if defined(PS_AVX512_BF16)
 constexpr int kBf16Format = kBf16Pairs;
 template <int NQ, int NP>
@@ -54,6 +70,7 @@ void dot_bf16_block(const void* qv, const uint16_t* panels, size_t pstride, int 
       _mm_prefetch(pf.next, _MM_HINT_T1);
       pf.next += 64;
     }
+    prefetch_streams<NQ, NP>(panels, pstride, j);
     __m512bh b[NP];
     for (int p = 0; p < NP; ++p)
       b[p] = (__m512bh)_mm512_load_si512(panels + p * pstride + static_cast<size_t>(j) * 2 * kLanes);
@@ -84,6 +101,7 @@ void dot_bf16_block(const void* qv, const uint16_t* panels, size_t pstride, int 
       _mm_prefetch(pf.next, _MM_HINT_T1);
       pf.next += 64;
     }
+    prefetch_streams<NQ, NP>(panels, pstride, j);
     __m512 lo[NP], hi[NP];
     for (int p = 0; p < NP; ++p) {
       const __m512i w =
