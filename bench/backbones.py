@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from timing import gemm_gflops
 
 
 def images_per_s(fn: Callable[[], object], batch: int, seconds: float) -> float:
@@ -33,25 +34,6 @@ def images_per_s(fn: Callable[[], object], batch: int, seconds: float) -> float:
         fn()
         n += 1
     return n * batch / (time.perf_counter() - t0)
-
-
-def best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def gemm_ceiling_gflops(torch_mod: object) -> float:
-    """float32 GEMM GFLOP/s on this machine: the better of numpy's BLAS and torch."""
-    torch = torch_mod
-    a = np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32)
-    ta = torch.from_numpy(a)  # type: ignore[attr-defined]
-    flops = 2 * 2048**3
-    return max(flops / best_seconds(lambda: a @ a), flops / best_seconds(lambda: ta @ ta)) / 1e9
 
 
 def tower_flops(model: object, size: tuple[int, ...]) -> float:
@@ -134,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                     best[name] = max(best[name], images_per_s(fn, batch, args.seconds))
             rows.append((batch, best["ort"], best["plain"], best["int8"], best["torch"]))
         flops = tower_flops(model, size)
-        gemm = gemm_ceiling_gflops(torch)
+        gemm = gemm_gflops(repeats=5, with_torch=True)
     print(f"{args.arch} image tower, {args.threads} threads, best of {args.rounds} rounds")
     print(
         "| batch | onnxruntime fp32 (fused) img/s | onnxruntime fp32 (plain export) img/s "

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from timing import best_of, gemm_gflops
 
 from server import _kernels
 from server import kernels as K
@@ -50,17 +51,6 @@ class Shape:
 class Result:
     shape: Shape
     times: dict[str, float] = field(default_factory=dict)  # method -> best seconds
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        time.sleep(SETTLE_S)
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def methods_for(shape: Shape, k: int, threads: int) -> dict[str, Callable[[], object]]:
@@ -110,10 +100,9 @@ def methods_for(shape: Shape, k: int, threads: int) -> dict[str, Callable[[], ob
 
 
 def ceilings(max_c: int, d: int, repeats: int) -> tuple[float, float]:
-    a = np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32)
-    gemm = 2 * 2048**3 / best_of(lambda: a @ a, repeats) / 1e9
+    gemm = gemm_gflops(repeats, SETTLE_S)
     buf = np.ones(max_c * d, np.float32)
-    bw = buf.nbytes / best_of(lambda: _kernels.read_sum(buf), repeats) / 1e9
+    bw = buf.nbytes / best_of(lambda: _kernels.read_sum(buf), repeats, SETTLE_S) / 1e9
     return gemm, bw
 
 
