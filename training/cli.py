@@ -41,6 +41,7 @@ def _metatrain(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         progress=not args.no_progress,
         command=args.command_line,
+        device=args.device,
     )
     last = log["train"][-1] if log["train"] else {}
     print(

@@ -89,6 +89,12 @@ def metatrain_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads", type=int, default=1, help="torch threads")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="torch device to train on: auto (cuda when one is visible, else cpu), cpu, cuda, "
+        "cuda:N; episodes are still sampled and augmented on the CPU, so runs are seeded alike",
+    )
     g.add_argument("--val-every", type=int, default=d.val_every, help="0: at the end only")
     g.add_argument("--val-episodes", type=int, default=d.val_episodes)
     g.add_argument("--val-way", type=int, default=d.val_way)

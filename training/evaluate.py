@@ -85,15 +85,16 @@ def evaluate_method(
 
     smp, steps = _episodes(ds, n_way, k_shot, q_query, episodes, seed, **sampler)
     was_training = method.training
+    dev = next(method.parameters()).device
     method.eval()
     accs = []
     with torch.no_grad():
         for i in tqdm(steps, desc=f"eval {n_way}-way {k_shot}-shot", disable=not progress):
             ep = smp.episode(i)
-            sx = ds.normalise(ds.batch(ep.support, ep.support_turns))
-            qx = ds.normalise(ds.batch(ep.query, ep.query_turns))
-            logits = method(sx, torch.from_numpy(ep.support_labels), qx)
-            accs.append(float((logits.argmax(1).numpy() == ep.query_labels).mean()))
+            sx = ds.normalise(ds.batch(ep.support, ep.support_turns)).to(dev)
+            qx = ds.normalise(ds.batch(ep.query, ep.query_turns)).to(dev)
+            logits = method(sx, torch.from_numpy(ep.support_labels).to(dev), qx)
+            accs.append(float((logits.argmax(1).cpu().numpy() == ep.query_labels).mean()))
     method.train(was_training)
     return EvalResult(*mean_ci95(accs), episodes, n_way, k_shot)
 
@@ -155,7 +156,8 @@ def torch_encoder(method: Any) -> Callable[[Any], np.ndarray]:
 
     def encode(x: Any) -> np.ndarray:
         method.eval()
+        dev = next(method.parameters()).device
         with torch.no_grad():
-            return np.asarray(method.embed(x).numpy())
+            return np.asarray(method.embed(torch.as_tensor(x).to(dev)).cpu().numpy())
 
     return encode

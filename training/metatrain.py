@@ -46,6 +46,24 @@ def lr_lambda(cfg: TrainConfig) -> Any:
     return factor
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device when one is visible, else the CPU; a named CUDA device
+    that is not there is a ValueError that says so."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA device is visible to torch")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return dev
+
+
 def episode_generator(seed: int, step: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, step, 1]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
@@ -81,15 +99,20 @@ def metatrain(
     progress: bool = True,
     command: str | None = None,
     data: tuple[ImageSet, ImageSet] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Trains for ``cfg.episodes`` episodes (or stops after ``stop_after`` of them, saving a
-    checkpoint to resume from); returns the final log. ``data`` skips loading the dataset."""
+    checkpoint to resume from); returns the final log. ``data`` skips loading the dataset.
+
+    ``device`` ("cpu", "cuda", "cuda:N" or "auto") is where the model runs; episodes are sampled
+    and augmented on the CPU either way, and checkpoints always load back onto the CPU."""
+    dev = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
     train_ds, val_ds = data or build_data(cfg)
     torch.manual_seed(cfg.seed)
-    method = build_method(cfg, train_ds.num_channels, train_ds.size)
+    method = build_method(cfg, train_ds.num_channels, train_ds.size).to(dev)
     opt = torch.optim.Adam(method.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     sampler = EpisodeSampler(
@@ -146,10 +169,10 @@ def metatrain(
         if aug.enabled:
             gen = episode_generator(cfg.seed, step)
             sx, qx = augment(sx, aug, gen), augment(qx, aug, gen)
-        logits = method(
-            train_ds.normalise(sx), torch.from_numpy(ep.support_labels), train_ds.normalise(qx)
-        )
-        qy = torch.from_numpy(ep.query_labels)
+        sy = torch.from_numpy(ep.support_labels).to(dev)
+        qy = torch.from_numpy(ep.query_labels).to(dev)
+        sx, qx = train_ds.normalise(sx).to(dev), train_ds.normalise(qx).to(dev)
+        logits = method(sx, sy, qx)
         loss = method.loss(logits, qy)
         opt.zero_grad(set_to_none=True)
         loss.backward()

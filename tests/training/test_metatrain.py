@@ -90,3 +90,34 @@ def test_lr_schedules() -> None:
         TrainConfig(schedule="linear")
     with pytest.raises(TypeError):
         TrainConfig(augment={"blur": 1.0})
+
+
+def test_device_names_are_checked() -> None:
+    from training.metatrain import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="--device 'tpu9'"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="CUDA device"):
+        resolve_device(f"cuda:{max(1, torch.cuda.device_count())}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["protonet", "maml"])
+def test_cuda_training_resumes_on_cpu(tmp_path: Path, data, method: str) -> None:
+    """A run trained on the GPU validates, checkpoints onto the CPU and resumes on the CPU;
+    its losses track a CPU run of the same episodes (float rounding apart)."""
+    cfg = tiny_config(method=method, n_way=3, val_every=2)
+    kw = {"progress": False, "data": data, "checkpoint_every": 2, "log_every": 1}
+    cpu = metatrain(cfg, tmp_path / "cpu", device="cpu", **kw)
+    metatrain(cfg, tmp_path / "gpu", device="cuda", stop_after=3, **kw)
+    gpu = metatrain(cfg, tmp_path / "gpu", device="cpu", **kw)
+    assert gpu["step"] == 6 and len(gpu["val"]) == len(cpu["val"])
+    state = load_checkpoint(tmp_path / "gpu" / CHECKPOINT)
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+    for a, b in zip(cpu["train"], gpu["train"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2, abs=2e-3)
