@@ -145,8 +145,9 @@ def _export(args: argparse.Namespace) -> int:
             name=args.name,
             overwrite=args.overwrite,
             shift_average=args.shift_average,
+            rotate_average=args.rotate_average,
         )
-    except ExportError as e:
+    except (ExportError, ValueError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1
     m = folder.manifest
@@ -238,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="PIXELS",
         help="the tower averages its embedding over the 3x3 grid of +-PIXELS shifts (0: off)",
+    )
+    ex.add_argument(
+        "--rotate-average",
+        type=float,
+        default=0.0,
+        metavar="DEGREES",
+        help="with --shift-average: also turn each image by -DEGREES, 0, +DEGREES (27 views)",
     )
     ex.add_argument("--threads", type=int, default=1)
     ex.set_defaults(func=_export)

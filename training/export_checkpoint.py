@@ -22,9 +22,11 @@ def export_checkpoint(
     name: str | None = None,
     overwrite: bool = False,
     shift_average: int = 0,
+    rotate_average: float = 0.0,
 ) -> Any:
     """``shift_average`` > 0 exports the backbone wrapped in ``ShiftAverage`` with that radius
-    (the tower averages 9 shifted views of each image)."""
+    (the tower averages 9 shifted views of each image); ``rotate_average`` > 0 (degrees) also
+    turns each image by -D, 0 and +D before shifting it (27 views)."""
     from training.backbones.shift_average import ShiftAverage
     from training.export import export_image_backbone
 
@@ -38,9 +40,15 @@ def export_checkpoint(
     scale = 1.0 if method.metric == "l2" else float(method.log_scale.exp())
     recipe = state.get("command") or json.dumps(cfg.to_dict(), sort_keys=True)
     module, arch = method.backbone, f"{cfg.backbone} ({cfg.method}, {cfg.distance})"
+    if rotate_average and not shift_average:
+        raise ValueError("rotate_average needs shift_average (the rotations are shifted too)")
     if shift_average:
-        module = ShiftAverage(module, shift_average).eval()
+        size = (int(pre["size"][0]), int(pre["size"][1]))
+        angles = (-rotate_average, 0.0, rotate_average) if rotate_average else ()
+        module = ShiftAverage(module, shift_average, angles, size).eval()
         arch += f", averaged over 3x3 shifts of +-{shift_average} px"
+        if angles:
+            arch += f" x turns of -{rotate_average:g}, 0, +{rotate_average:g} degrees"
     return export_image_backbone(
         module,
         out_dir,

@@ -29,6 +29,16 @@ def run01_error() -> float:
     return result.error
 
 
+@functools.cache
+def model_shape() -> tuple[int, int, int]:
+    """The default model's (input height, input width, embedding dim), from its manifest."""
+    from server.model_repo import load_model
+
+    manifest = load_model(ROOT / "models" / MODEL).manifest
+    height, width = manifest.preprocess["size"]
+    return int(height), int(width), int(manifest.embedding_dim)
+
+
 def truth() -> dict[str, str]:
     """test file name -> label (the training file's stem)."""
     out = {}

@@ -16,7 +16,7 @@ from server.client import (
     ProtoserveError,
     Registered,
 )
-from tests.grpc.support import MODEL, RUN, Running, run01_error, truth
+from tests.grpc.support import MODEL, RUN, Running, model_shape, run01_error, truth
 
 pytestmark = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run at {RUN}")
 
@@ -96,8 +96,9 @@ def test_every_method(client: ProtoserveClient) -> None:
     assert e.value.code == "NOT_FOUND"
 
     emb = client.embed(images=files[:2], collection="run01", normalize=True)
-    assert emb.dim == 64 and len(emb.images) == 2 and emb.texts == []
-    assert all(len(v) == 64 for v in emb.images)
+    dim = model_shape()[2]
+    assert emb.dim == dim and len(emb.images) == 2 and emb.texts == []
+    assert all(len(v) == dim for v in emb.images)
     assert sum(x * x for x in emb.images[0]) == pytest.approx(1.0, abs=1e-4)
 
     client.delete_collection("other")

@@ -17,7 +17,16 @@ from tritonclient.utils import InferenceServerException
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
 from server.imaging import Preprocessor
 from server.model_repo import ModelRepository
-from tests.grpc.support import MODEL, ROOT, RUN, Running, create, needs_run, register
+from tests.grpc.support import (
+    MODEL,
+    ROOT,
+    RUN,
+    Running,
+    create,
+    model_shape,
+    needs_run,
+    register,
+)
 
 pytestmark = needs_run
 
@@ -82,14 +91,15 @@ def test_model_ready_metadata_config(client: tc.InferenceServerClient) -> None:
     assert outs["LABELS"]["datatype"] == "BYTES"
     ins = {i["name"]: i for i in meta["inputs"]}
     assert ins["IMAGE"]["datatype"] == "BYTES"
-    assert ins["PIXELS"]["shape"] == ["-1", "1", "28", "28"]
+    height, width, dim = model_shape()
+    assert ins["PIXELS"]["shape"] == ["-1", "1", str(height), str(width)]
     bmeta = client.get_model_metadata(MODEL, as_json=True)
     assert [o["name"] for o in bmeta["outputs"]] == ["EMBEDDINGS"]
-    assert bmeta["outputs"][0]["shape"] == ["-1", "64"]
+    assert bmeta["outputs"][0]["shape"] == ["-1", str(dim)]
     cfg = client.get_model_config(COLL, as_json=True)["config"]
     assert cfg["name"] == COLL and {o["name"] for o in cfg["output"]} == {"SCORES", "LABELS"}
     bcfg = client.get_model_config(MODEL, as_json=True)["config"]
-    assert bcfg["output"][0]["name"] == "EMBEDDINGS" and bcfg["output"][0]["dims"] == ["64"]
+    assert bcfg["output"][0]["name"] == "EMBEDDINGS" and bcfg["output"][0]["dims"] == [str(dim)]
 
 
 def test_infer_bytes_matches_classify(client: tc.InferenceServerClient, running: Running) -> None:

@@ -30,6 +30,7 @@ from tests.grpc.support import (
     Running,
     create,
     fails,
+    model_shape,
     needs_run,
     register,
     still_serving,
@@ -197,8 +198,9 @@ def test_scores_only_gives_every_image_in_order(env: Env) -> None:
     probs = np.array([s.probabilities for s in got.items])
     assert np.allclose(probs.sum(axis=1), 1.0)
     assert [s.score for s in got.items] == pytest.approx(active.margin_score(probs).tolist())
+    dim = model_shape()[2]
     for s in got.items:
-        assert len(s.embedding) == len(s.nearest_support) == 64 and s.nearest_support_id > 0
+        assert len(s.embedding) == len(s.nearest_support) == dim and s.nearest_support_id > 0
     assert [s.score for s in plain.items] == pytest.approx(
         active.entropy_score(probs).tolist(), abs=1e-9
     )

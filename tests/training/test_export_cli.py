@@ -139,6 +139,16 @@ def test_cli_train_evaluate_export(tmp_path: Path, image_folder: Path, capsys) -
     assert by_model == pytest.approx(by_ckpt)
     assert by_ckpt["episodes"] == 50 and 0 <= by_ckpt["acc"] <= 1
 
+    export = ["train", "export", "--checkpoint", str(run / CHECKPOINT), "--out"]
+    turned = tmp_path / "turned"
+    args = [*export, str(turned), "--shift-average", "2", "--rotate-average", "10"]
+    assert protoserve(args) == 0
+    arch = load_model(turned).manifest.provenance.architecture
+    assert arch.endswith("3x3 shifts of +-2 px x turns of -10, 0, +10 degrees")
+    assert protoserve([*export, str(tmp_path / "bad"), "--rotate-average", "10"]) == 1
+    assert "rotate_average needs shift_average" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
 
 def test_help(capsys) -> None:
     with pytest.raises(SystemExit) as e:
