@@ -59,3 +59,10 @@ def test_offline_bench() -> None:
         "--images", "40", "--batch", "8", "--concurrency", "2", "--ceiling-seconds", "0.5",
     )  # fmt: skip
     assert "| server (gRPC) | 8 | 2 |" in out and "| in-process | 8 | 2 |" in out
+
+
+def test_grpc_overhead_bench() -> None:
+    out = run_bench(
+        "bench/grpc_overhead.py", "--seconds", "0.2", "--concurrency", "2", "--rounds", "1",
+    )  # fmt: skip
+    assert "| threads |" in out and "| aio |" in out and "aio / thread pool:" in out
