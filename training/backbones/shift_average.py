@@ -65,7 +65,7 @@ class ShiftAverage(nn.Module):
         """[N, C, H, W] -> [A*N, C, H, W], angle-major (the input as is without ``angles``)."""
         if self.tap_index is None:
             return x
-        if tuple(x.shape[2:]) != self.size:
+        if not torch.jit.is_tracing() and tuple(x.shape[2:]) != self.size:
             raise ValueError(f"rotated views are built for {self.size}, got {tuple(x.shape[2:])}")
         flat = x.flatten(2)
         views = []
