@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,12 +32,14 @@ def _handlers(fn: object) -> tuple[grpc.GenericRpcHandler, ...]:
     return (grpc.method_handlers_generic_handler("bench.Echo", {"Call": method}),)
 
 
-def serve(kind: str, port: int, workers: int) -> None:
+def serve(kind: str, workers: int) -> None:
+    """Serves on a free loopback port and prints it once listening."""
     if kind == "threads":
         server = grpc.server(ThreadPoolExecutor(workers))
         server.add_generic_rpc_handlers(_handlers(lambda req, ctx: req[:64]))
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        port = server.add_insecure_port("127.0.0.1:0")
         server.start()
+        print(port, flush=True)
         server.wait_for_termination()
         return
 
@@ -48,8 +49,9 @@ def serve(kind: str, port: int, workers: int) -> None:
     async def main() -> None:
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(_handlers(echo))
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
+        print(port, flush=True)
         await server.wait_for_termination()
 
     asyncio.run(main())
@@ -58,12 +60,6 @@ def serve(kind: str, port: int, workers: int) -> None:
 def process_cpu_s(pid: int) -> float:
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def load(port: int, concurrency: int, seconds: float, payload: bytes) -> int:
@@ -86,17 +82,12 @@ async def load(port: int, concurrency: int, seconds: float, payload: bytes) -> i
 
 def measure(kind: str, args: argparse.Namespace) -> tuple[float, float, float]:
     """(calls/s, server CPU us per call, client CPU us per call) for one round."""
-    port = free_port()
-    cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--workers", str(args.workers)])
+    cmd = [sys.executable, __file__, "--serve", kind, "--workers", str(args.workers)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())  # printed once the server listens
         payload = os.urandom(args.payload)
-        for _ in range(100):  # wait for the port
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         asyncio.run(load(port, args.concurrency, 0.3, payload))  # warm-up
         server0, client0, t0 = process_cpu_s(proc.pid), time.process_time(), time.perf_counter()
         calls = asyncio.run(load(port, args.concurrency, args.seconds, payload))
@@ -117,10 +108,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", type=int, default=64, help="thread-pool server threads")
     p.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.workers)
+        serve(args.serve, args.workers)
         return 0
     best: dict[str, tuple[float, float, float]] = {}
     for r in range(args.rounds):

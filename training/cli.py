@@ -147,7 +147,7 @@ def _export(args: argparse.Namespace) -> int:
             shift_average=args.shift_average,
             rotate_average=args.rotate_average,
         )
-    except (ExportError, ValueError) as e:
+    except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1
     m = folder.manifest

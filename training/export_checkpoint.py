@@ -28,7 +28,7 @@ def export_checkpoint(
     (the tower averages 9 shifted views of each image); ``rotate_average`` > 0 (degrees) also
     turns each image by -D, 0 and +D before shifting it (27 views)."""
     from training.backbones.shift_average import ShiftAverage
-    from training.export import export_image_backbone
+    from training.export import ExportError, export_image_backbone
 
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(state["config"])
@@ -41,11 +41,14 @@ def export_checkpoint(
     recipe = state.get("command") or json.dumps(cfg.to_dict(), sort_keys=True)
     module, arch = method.backbone, f"{cfg.backbone} ({cfg.method}, {cfg.distance})"
     if rotate_average and not shift_average:
-        raise ValueError("rotate_average needs shift_average (the rotations are shifted too)")
+        raise ExportError("rotate_average needs shift_average (the rotations are shifted too)")
     if shift_average:
         size = (int(pre["size"][0]), int(pre["size"][1]))
         angles = (-rotate_average, 0.0, rotate_average) if rotate_average else ()
-        module = ShiftAverage(module, shift_average, angles, size).eval()
+        try:
+            module = ShiftAverage(module, shift_average, angles, size).eval()
+        except ValueError as e:  # a radius below 1 pixel
+            raise ExportError(str(e)) from None
         arch += f", averaged over 3x3 shifts of +-{shift_average} px"
         if angles:
             arch += f" x turns of -{rotate_average:g}, 0, +{rotate_average:g} degrees"

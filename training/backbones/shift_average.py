@@ -67,14 +67,8 @@ class ShiftAverage(nn.Module):
             return x
         if not torch.jit.is_tracing() and tuple(x.shape[2:]) != self.size:
             raise ValueError(f"rotated views are built for {self.size}, got {tuple(x.shape[2:])}")
-        flat = x.flatten(2)
-        views = []
-        for a in range(len(self.angles)):
-            out = flat[:, :, self.tap_index[a, 0]] * self.tap_weight[a, 0]
-            for k in range(1, 4):
-                out = out + flat[:, :, self.tap_index[a, k]] * self.tap_weight[a, k]
-            views.append(out.reshape(x.shape))
-        return torch.cat(views)
+        taps = x.flatten(2)[:, :, self.tap_index] * self.tap_weight  # [N, C, A, 4, H*W]
+        return taps.sum(3).movedim(2, 0).reshape(-1, *x.shape[1:])
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [V*N, C, H, W], view-major (all images moved one way, then the next)."""
