@@ -164,6 +164,7 @@ EXPERIMENTS = (
     "fmnist-selftrain",
     "fmnist-active",
     "fmnist-fixmatch",
+    "fmnist-ensemble",
 )
 
 

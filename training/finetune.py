@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.devices import model_device
+
 MODES = ("full", "linear", "two-stage")
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -455,7 +457,8 @@ def predict_proba(
     model.eval()
     try:
         if not mc_samples:
-            out = [F.softmax(model(xb), 1) for xb in _chunks(x, batch_size)]
+            dev = model_device(model)
+            out = [F.softmax(model(xb.to(dev)), 1) for xb in _chunks(x, batch_size)]
             return _cat(out, 0, model.num_classes)
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
@@ -465,6 +468,7 @@ def predict_proba(
             torch.manual_seed(seed)
             samples: list[list[torch.Tensor]] = [[] for _ in range(mc_samples)]
             for xb in _chunks(x, batch_size):
+                xb = xb.to(model_device(model))
                 feats = None if backbone_dropout else model.features(xb)
                 for s in range(mc_samples):
                     logits = model(xb) if feats is None else model.head(model.dropout(feats))
@@ -477,7 +481,7 @@ def predict_proba(
 def _cat(parts: list[torch.Tensor], dim: int, c: int) -> np.ndarray:
     if not parts:
         return np.zeros((0, c), dtype=np.float32)
-    return torch.cat(parts, dim).numpy().astype(np.float32)
+    return torch.cat(parts, dim).cpu().numpy().astype(np.float32)
 
 
 def accuracy(model: Classifier, x: np.ndarray, y: np.ndarray) -> float:
@@ -495,6 +499,8 @@ def embed(model: Classifier, x: np.ndarray, *, batch_size: int = 1024) -> np.nda
     was = model.training
     model.eval()
     try:
-        return _cat([model.features(xb) for xb in _chunks(x, batch_size)], 0, model.feature_dim)
+        dev = model_device(model)
+        feats = [model.features(xb.to(dev)) for xb in _chunks(x, batch_size)]
+        return _cat(feats, 0, model.feature_dim)
     finally:
         model.train(was)

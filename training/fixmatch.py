@@ -42,7 +42,7 @@ from torch import nn
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.finetune import Classifier, accuracy, to_unit
 from training.flexmatch import ClassThresholds
-from training.noise import rand_augment, weak_augment
+from training.noise import OPS, rand_augment, weak_augment
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,13 @@ class FixMatchConfig:
     dist_align: bool = False  # ReMixMatch distribution alignment of the weak predictions
     align_momentum: float = 0.999  # running mean of the weak predictions for the alignment
     flex: bool = False  # FlexMatch class-wise thresholds (training/flexmatch.py)
+    ema_teacher: bool = False  # pseudo-labels from the EMA weights instead of the raw model
     # noise: weak = flip + shift; strong = weak, RandAugment (n_ops, magnitude 0..10), Cutout
     shift: int = 2
     n_ops: int = 2
     magnitude: float = 10.0
     cutout: float = 0.5
+    ops: tuple[str, ...] = OPS  # the RandAugment operations the strong view draws from
     eval_every: int = 250
     seed: int = 0
     progress: bool = True
@@ -91,9 +93,15 @@ class FixMatchConfig:
             raise ValueError("need shift >= 0, n_ops >= 0, magnitude in [0, 10]")
         if not 0.0 <= self.cutout <= 1.0:
             raise ValueError(f"cutout must be in [0, 1], got {self.cutout}")
+        bad = [op for op in self.ops if op not in OPS]
+        if not self.ops or bad:
+            raise ValueError(f"ops must be a non-empty subset of {', '.join(OPS)}; got {bad}")
+        object.__setattr__(self, "ops", tuple(self.ops))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["ops"] = list(self.ops)
+        return d
 
 
 @dataclass
@@ -152,12 +160,14 @@ def fixmatch_loss(
     *,
     align_state: dict[str, torch.Tensor] | None = None,
     thresholds: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One step's loss. The weak view is scored without gradient (train mode); the labeled
-    and strong views go through one forward pass (shared batch-norm statistics).
-    ``thresholds`` (per class) replaces the fixed ``cfg.tau`` (FlexMatch)."""
+    """One step's loss. The weak view is scored without gradient, by ``teacher`` when given
+    (e.g. the EMA weights, in eval mode) else by ``model`` (train mode); the labeled and strong
+    views go through one forward pass (shared batch-norm statistics). ``thresholds`` (per
+    class) replaces the fixed ``cfg.tau`` (FlexMatch)."""
     with torch.no_grad():
-        probs = F.softmax(model(xu_weak), 1)
+        probs = F.softmax((model if teacher is None else teacher)(xu_weak), 1)
         if align_state is not None:
             m = align_state["mean"]
             m.mul_(cfg.align_momentum).add_(probs.mean(0), alpha=1 - cfg.align_momentum)
@@ -209,6 +219,7 @@ def fixmatch(
     unlabeled_truth: np.ndarray | None = None,
     checkpoint: str | Path | None = None,
     on_eval: Callable[[dict[str, Any], Classifier], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> FixMatchResult:
     """Train ``model`` in place with FixMatch; return the best EMA weights by val accuracy.
 
@@ -216,8 +227,11 @@ def fixmatch(
     monitoring only: the precision of the kept pseudo-labels on the rows whose label is known
     (e.g. the validation images, which are among the unlabeled ones). ``checkpoint``: a file
     written at every evaluation and resumed from when it exists. ``on_eval(row, ema_model)``
-    is called after every evaluation (e.g. to score the test set for a curve).
+    is called after every evaluation (e.g. to score the test set for a curve). ``device``:
+    where the model trains and the images live; every random draw (batches, noise) comes from
+    the same seeded CPU generator whatever the device, so only float rounding differs.
     """
+    dev = torch.device(device)
     t_cpu, t_wall = time.process_time(), time.perf_counter()
     xl_all = to_unit(x_labeled)
     yl_all = torch.as_tensor(np.asarray(y_labeled), dtype=torch.int64)
@@ -238,6 +252,8 @@ def fixmatch(
 
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    model.to(dev)
+    xl_all, yl_all, xu_all = xl_all.to(dev), yl_all.to(dev), xu_all.to(dev)
     opt = torch.optim.SGD(
         _param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
@@ -247,7 +263,10 @@ def fixmatch(
     ema = copy.deepcopy(model)
     ema.eval()
     align_state = (
-        {"mean": torch.full((k,), 1.0 / k), "prior": torch.full((k,), 1.0 / k)}
+        {
+            "mean": torch.full((k,), 1.0 / k, device=dev),
+            "prior": torch.full((k,), 1.0 / k, device=dev),
+        }
         if cfg.dist_align
         else None
     )
@@ -267,7 +286,7 @@ def fixmatch(
         gen.set_state(s["gen"])
         torch.set_rng_state(s["torch_rng"])
         if align_state is not None:
-            align_state = s["align"]
+            align_state = {key: v.to(dev) for key, v in s["align"].items()}
         if flex is not None:
             flex.load_state_dict(s["flex"])
         history, best, start = s["history"], s["best"], s["step"]
@@ -276,7 +295,7 @@ def fixmatch(
     def strong(x: torch.Tensor) -> torch.Tensor:
         x = weak_augment(x, gen, shift=cfg.shift)
         return rand_augment(
-            x, gen, n_ops=cfg.n_ops, magnitude=cfg.magnitude, cutout_size=cfg.cutout
+            x, gen, n_ops=cfg.n_ops, magnitude=cfg.magnitude, ops=cfg.ops, cutout_size=cfg.cutout
         )
 
     bar = None
@@ -297,10 +316,19 @@ def fixmatch(
         xu = to_unit(xu_all[iu])
         xw = weak_augment(xu, gen, shift=cfg.shift)
         xs = strong(xu)
-        thr = flex.thresholds(cfg.tau) if flex is not None else None
+        thr = flex.thresholds(cfg.tau).to(dev) if flex is not None else None
         loss, st = fixmatch_loss(
-            model, xl, yl_all[il], xw, xs, cfg, align_state=align_state, thresholds=thr
+            model,
+            xl,
+            yl_all[il],
+            xw,
+            xs,
+            cfg,
+            align_state=align_state,
+            thresholds=thr,
+            teacher=ema if cfg.ema_teacher else None,
         )
+        st["label"], st["conf"], st["kept"] = (st[key].cpu() for key in ("label", "conf", "kept"))
         if flex is not None:
             flex.update(iu, st["label"], st["conf"], cfg.tau)
         opt.zero_grad(set_to_none=True)

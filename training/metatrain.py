@@ -23,6 +23,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig, build_data, build_method
 from training.data.imageset import ImageSet
 from training.data.sampler import EpisodeSampler
+from training.devices import resolve_device
 from training.evaluate import embed_all, evaluate_embeddings, evaluate_method, torch_encoder
 from training.methods import MAML, PrototypicalNetworks
 from training.runlog import RunLog
@@ -44,24 +45,6 @@ def lr_lambda(cfg: TrainConfig) -> Any:
         return 1.0
 
     return factor
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device when one is visible, else the CPU; a named CUDA device
-    that is not there is a ValueError that says so."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: no CUDA device is visible to torch")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
-            f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-        )
-    return dev
 
 
 def episode_generator(seed: int, step: int) -> torch.Generator:

@@ -11,8 +11,10 @@
   that ``training.finetune.fit`` expects.
 
 Every random choice is drawn from the caller's ``torch.Generator`` on the CPU, so a seed
-reproduces a batch exactly. Background is 0 (Fashion-MNIST: light garments on black); geometric
-ops pad with 0. Outputs are clamped to [0, 1] and keep the input shape and dtype.
+reproduces a batch exactly; the images themselves may live on any device (a CUDA batch is
+augmented where it is, from the same draws). Background is 0 (Fashion-MNIST: light garments
+on black); geometric ops pad with 0. Outputs are clamped to [0, 1] and keep the input shape
+and dtype.
 """
 
 from __future__ import annotations
@@ -63,13 +65,13 @@ def _view(v: torch.Tensor) -> torch.Tensor:
 
 # -- single operations: x [b, C, H, W], m [b] magnitude in [0, 1] ---------------------------
 def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
 
 
 def _geometric(name: str, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     b = x.shape[0]
-    theta = torch.zeros(b, 2, 3)
+    theta = torch.zeros(b, 2, 3, device=m.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     if name == "rotate":  # up to 30 degrees
         a = m * (30 * math.pi / 180)
@@ -95,7 +97,8 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
     """Histogram equalisation per image and channel on 256 levels (as PIL ImageOps.equalize)."""
     b, c, h, w = x.shape
     q = (x.clamp(0, 1) * 255).round().long().view(b * c, h * w)
-    hist = torch.zeros(b * c, 256).scatter_add_(1, q, torch.ones(b * c, h * w))
+    hist = torch.zeros(b * c, 256, device=x.device)
+    hist.scatter_add_(1, q, torch.ones(b * c, h * w, device=x.device))
     cdf = hist.cumsum(1)
     first = torch.gather(cdf, 1, q.min(1, keepdim=True).values)  # count at the darkest level
     denom = (h * w - first).clamp_min(1.0)
@@ -127,7 +130,9 @@ def _photometric(name: str, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     if name == "brightness":
         return _blend(x, torch.zeros_like(x), 1.0 + 0.9 * m)
     if name == "sharpness":
-        k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], dtype=x.dtype) / 13
+        k = torch.tensor(
+            [[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], dtype=x.dtype, device=x.device
+        ).div(13)
         c = x.shape[1]
         smooth = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(c, 1, 3, 3), groups=c)
         return _blend(x, smooth, 1.0 + 0.9 * m)
@@ -139,9 +144,10 @@ def apply_op(name: str, x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tenso
     _check(x)
     if magnitude.shape != (x.shape[0],):
         raise ValueError(f"magnitude must be [{x.shape[0]}], got {tuple(magnitude.shape)}")
+    m = magnitude.to(x.device)
     if name in _GEOMETRIC:
-        return _geometric(name, x, magnitude).clamp(0.0, 1.0)
-    return _photometric(name, x, magnitude).clamp(0.0, 1.0)
+        return _geometric(name, x, m).clamp(0.0, 1.0)
+    return _photometric(name, x, m).clamp(0.0, 1.0)
 
 
 def cutout(x: torch.Tensor, gen: torch.Generator, size: float = 0.5) -> torch.Tensor:
@@ -153,10 +159,10 @@ def cutout(x: torch.Tensor, gen: torch.Generator, size: float = 0.5) -> torch.Te
     s = round(size * h)
     if s == 0:
         return x
-    cy = (torch.rand(b, generator=gen) * h).long().view(b, 1, 1)
-    cx = (torch.rand(b, generator=gen) * w).long().view(b, 1, 1)
-    ys = torch.arange(h).view(1, h, 1)
-    xs = torch.arange(w).view(1, 1, w)
+    cy = (torch.rand(b, generator=gen) * h).long().view(b, 1, 1).to(x.device)
+    cx = (torch.rand(b, generator=gen) * w).long().view(b, 1, 1).to(x.device)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
     inside = ((ys - cy).abs() * 2 < s) & ((xs - cx).abs() * 2 < s)
     return x * (~inside).unsqueeze(1).to(x.dtype)
 
@@ -171,13 +177,15 @@ def weak_augment(
     b, _, h, w = x.shape
     out = x
     if flip:
-        mask = _view(torch.rand(b, generator=gen) < 0.5)
+        mask = _view(torch.rand(b, generator=gen) < 0.5).to(x.device)
         out = torch.where(mask, out.flip(3), out)
     if shift:
-        d = torch.randint(-shift, shift + 1, (b, 2), generator=gen)
+        d = torch.randint(-shift, shift + 1, (b, 2), generator=gen).to(x.device)
         padded = F.pad(out, (shift, shift, shift, shift))
-        ys = (torch.arange(h).view(1, h) + shift - d[:, :1]).view(b, 1, h, 1).expand(-1, 1, h, w)
-        xs = (torch.arange(w).view(1, w) + shift - d[:, 1:]).view(b, 1, 1, w).expand(-1, 1, h, w)
+        ar_h = torch.arange(h, device=x.device).view(1, h)
+        ar_w = torch.arange(w, device=x.device).view(1, w)
+        ys = (ar_h + shift - d[:, :1]).view(b, 1, h, 1).expand(-1, 1, h, w)
+        xs = (ar_w + shift - d[:, 1:]).view(b, 1, 1, w).expand(-1, 1, h, w)
         idx = ys * (w + 2 * shift) + xs
         flat = padded.flatten(2)
         out = torch.gather(flat, 2, idx.flatten(2).expand(-1, x.shape[1], -1)).view_as(x)

@@ -192,3 +192,60 @@ def test_bad_inputs_raise() -> None:
         fixmatch(_tiny_model(), xl, yl + 5, xl, cfg)
     with pytest.raises(ValueError):
         fixmatch(_tiny_model(), xl.astype(np.float32), yl, xl, cfg)
+
+
+def test_ema_teacher_labels_the_weak_view() -> None:
+    """With a teacher, the pseudo-labels are the teacher's argmax, not the model's."""
+    torch.manual_seed(0)
+    model, teacher = _tiny_model(), _tiny_model()
+    teacher.eval()
+    rng = np.random.default_rng(0)
+    xu = torch.from_numpy(_toy(16, rng)[0]).float() / 255
+    cfg = FixMatchConfig(tau=0.0, progress=False)
+    xl, yl = xu[:2], torch.tensor([0, 1])
+    _, st = fixmatch_loss(model, xl, yl, xu, xu, cfg, teacher=teacher)
+    with torch.no_grad():
+        assert torch.equal(st["label"], teacher(xu).argmax(1))
+    _, st = fixmatch_loss(model, xl, yl, xu, xu, cfg)
+    with torch.no_grad():
+        assert torch.equal(st["label"], model(xu).argmax(1))
+
+
+def test_strong_view_ops_are_checked_and_recorded() -> None:
+    cfg = FixMatchConfig(ops=["rotate", "shear_x"])  # a list from a CLI is kept as a tuple
+    assert cfg.ops == ("rotate", "shear_x")
+    assert cfg.to_dict()["ops"] == ["rotate", "shear_x"]
+    for bad in ((), ("rotate", "blur")):
+        with pytest.raises(ValueError, match="ops"):
+            FixMatchConfig(ops=bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_draws_the_cpu_runs_batches() -> None:
+    """The same seed gives the same noise on either device, and a CUDA run tracks the CPU run
+    (only float rounding differs)."""
+    from training.noise import rand_augment, weak_augment
+
+    x = torch.rand(32, 1, 12, 12)
+    views = []
+    for dev in ("cpu", "cuda"):
+        g = torch.Generator().manual_seed(3)
+        views.append(rand_augment(weak_augment(x.to(dev), g), g, magnitude=7.0).cpu())
+    assert torch.allclose(views[0], views[1], atol=1e-4)
+    rng = np.random.default_rng(0)
+    xl, yl = _toy(8, rng)
+    xu, _ = _toy(120, rng)
+    xv, yv = _toy(60, rng)
+    cfg = FixMatchConfig(
+        steps=20, batch_size=8, mu=2, lr=0.05, ema=0.9, eval_every=10, progress=False,
+        tau=0.8, dist_align=True, flex=True, ema_teacher=True, shift=1, magnitude=3.0,
+    )  # fmt: skip
+    runs = []
+    for dev in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        runs.append(fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv), device=dev))
+    cpu, cuda = runs
+    assert next(cuda.model.parameters()).device.type == "cuda"
+    for a, b in zip(cpu.history, cuda.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.05, abs=0.02)
+    assert cuda.best_val_acc == pytest.approx(cpu.best_val_acc, abs=0.1)

@@ -93,7 +93,7 @@ def test_lr_schedules() -> None:
 
 
 def test_device_names_are_checked() -> None:
-    from training.metatrain import resolve_device
+    from training.devices import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -30,14 +30,31 @@ import torch
 
 from training.data.fashion_mnist import load_fashion_mnist
 from training.data.semisup import semisup_split
-from training.finetune import FMNIST_ARCHS, Classifier, accuracy, fmnist_classifier
+from training.devices import resolve_device
+from training.finetune import (
+    FMNIST_ARCHS,
+    Classifier,
+    accuracy,
+    fmnist_classifier,
+    predict_proba,
+)
 from training.fixmatch import FixMatchConfig, describe, fixmatch
+from training.noise import OPS
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     d = FixMatchConfig()
     ap = argparse.ArgumentParser(prog="python -m training.experiments.fmnist_fixmatch")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the labeled draw (and of training)"
+    )
+    ap.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="seed of initialisation, batches and noise (default: --seed); members of an "
+        "ensemble share --seed (the same 100 labels) and differ here",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/fmnist_fixmatch"))
     ap.add_argument("--root", default=None, help="Fashion-MNIST IDX folder")
     ap.add_argument("--threads", type=int, default=1)
@@ -54,11 +71,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--ema", type=float, default=d.ema)
     ap.add_argument("--dist-align", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--flex", action="store_true", help="FlexMatch class-wise thresholds")
+    ap.add_argument("--ema-teacher", action="store_true", help="pseudo-labels from the EMA weights")
+    ap.add_argument(
+        "--ops",
+        default=",".join(OPS),
+        help="comma-separated RandAugment operations of the strong view (default: all)",
+    )
     ap.add_argument("--magnitude", type=float, default=d.magnitude)
     ap.add_argument("--cutout", type=float, default=d.cutout)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--test-curve", action="store_true", help="score test at every evaluation")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
     return ap.parse_args(argv)
 
 
@@ -68,7 +92,15 @@ def build_model(args: argparse.Namespace) -> Classifier:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    try:
+        device = resolve_device(args.device)
+        ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
+        FixMatchConfig(ops=ops)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
     t_cpu, t_wall = time.process_time(), time.perf_counter()
     root = {} if args.root is None else {"root": args.root}
     train = load_fashion_mnist(split="train", **root)
@@ -91,13 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ema=args.ema,
         dist_align=args.dist_align,
         flex=args.flex,
+        ema_teacher=args.ema_teacher,
+        ops=ops,
         magnitude=args.magnitude,
         cutout=args.cutout,
         eval_every=args.eval_every,
-        seed=args.seed,
+        seed=train_seed,
         progress=not args.no_progress,
     )
-    torch.manual_seed(args.seed)
+    torch.manual_seed(train_seed)
     model = build_model(args)
     val = (x[split.val], y[split.val])
     xt, yt = test.images, np.asarray(test.labels)
@@ -119,13 +153,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         unlabeled_truth=truth,
         checkpoint=args.out / "checkpoint.pt",
         on_eval=on_eval,
+        device=device,
     )
     test_acc = accuracy(res.model, xt, yt)
+    # the chosen model's class probabilities, plain and horizontally flipped, for ensembles
+    # and test-time augmentation chosen on validation (training.experiments.fmnist_ensemble)
+    xv = val[0]
+    np.savez_compressed(
+        args.out / "predictions.npz",
+        val=predict_proba(res.model, xv),
+        val_flip=predict_proba(res.model, xv[..., ::-1]),
+        test=predict_proba(res.model, xt),
+        test_flip=predict_proba(res.model, xt[..., ::-1]),
+    )
     out: dict[str, Any] = {
         "experiment": "fmnist-fixmatch",
         "command": "python -m training.experiments.fmnist_fixmatch "
         + " ".join(sys.argv[1:] if argv is None else list(argv)),
         "seed": args.seed,
+        "train_seed": train_seed,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "config": cfg.to_dict(),
         "data": {
@@ -143,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_seconds": time.process_time() - t_cpu,
         "wall_seconds": time.perf_counter() - t_wall,
         "threads": args.threads,
+        "device": str(device),
     }
     (args.out / "results.json").write_text(json.dumps(out, indent=2) + "\n")
     print("| step | mask | pseudo precision (val imgs) | val acc |")

@@ -1,0 +1,31 @@
+"""Where training runs: ``--device auto|cpu|cuda|cuda:N`` resolved once, with a clear error
+for a device that is not there, and the device a model's weights live on."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device when one is visible, else the CPU; a named CUDA device
+    that is not there is a ValueError that says so."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA device is visible to torch")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the first parameter (the CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
