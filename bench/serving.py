@@ -13,7 +13,9 @@ images each, pre-serialized once) in flight for ``--seconds`` after a short warm
 The ceiling is the same decode + embed + score work in this process with no gRPC and no
 batcher (``Preprocessor.preprocess_bytes`` -> ``runtime.encode_images`` -> prototype scores and
 top-k) at the best of several batch sizes, measured before any server starts; "% of ceiling"
-is served images/s over ceiling images/s.
+is served images/s over ceiling images/s. With ``--model-instances N`` (the server runs N
+batches at once, each with cores / N onnxruntime threads) the same loop also runs in N threads
+at once on a runtime set up that way, and the ceiling is the better of the two.
 
 Registration visibility: ~20 trials, each registering a new class (5 drawings of an Omniglot
 background character not in run01) and then polling Classify with a 6th drawing of it until
@@ -36,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -116,8 +119,12 @@ def new_characters(n: int) -> list[tuple[str, list[bytes]]]:
 
 
 # -- ceiling ------------------------------------------------------------------------------------
-def measure_ceiling(images: list[bytes], seconds: float) -> tuple[int, float, dict[int, float]]:
-    """(best batch size, its images/s, images/s per batch size): decode + embed + score."""
+def measure_ceiling(
+    images: list[bytes], seconds: float, instances: int = 1
+) -> tuple[int, float, dict[int, float]]:
+    """(best batch size, its images/s, images/s per batch size): decode + embed + score, with
+    ``instances`` threads each running that loop on the model at once (the runtime set up as
+    the server sets it up for that many instances)."""
     from server.methods import Distribution, score
     from server.model_repo import ModelRepository
     from server.pipeline import Pipeline, PipelineOptions
@@ -125,7 +132,8 @@ def measure_ceiling(images: list[bytes], seconds: float) -> tuple[int, float, di
 
     tmp = Path(tempfile.mkdtemp(prefix="protoserve-ceiling-"))
     registry = Registry.open(tmp / "data")
-    pipeline = Pipeline(registry, ModelRepository(ROOT / "models"), PipelineOptions())
+    opts = PipelineOptions(model_instances=instances)
+    pipeline = Pipeline(registry, ModelRepository(ROOT / "models"), opts)
     try:
         pipeline.create_collection(COLLECTION, MODEL)
         for label, data in training_images():
@@ -150,11 +158,22 @@ def measure_ceiling(images: list[bytes], seconds: float) -> tuple[int, float, di
         for b in CEILING_BATCHES:
             batch = [images[i % len(images)] for i in range(b)]
             once(batch)
-            n, t0 = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - t0) < budget:
-                once(batch)
-                n += b
-            per_batch[b] = n / elapsed
+            counts = [0] * instances
+            t0 = time.perf_counter()
+
+            def loop(
+                j: int, batch: list[bytes] = batch, t0: float = t0, counts: list[int] = counts
+            ) -> None:
+                while time.perf_counter() - t0 < budget:
+                    once(batch)
+                    counts[j] += len(batch)
+
+            threads = [threading.Thread(target=loop, args=(j,)) for j in range(instances)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            per_batch[b] = sum(counts) / (time.perf_counter() - t0)
         best = max(per_batch, key=lambda b: per_batch[b])
         return best, per_batch[best], per_batch
     finally:
@@ -173,6 +192,7 @@ def server_flags(batching: bool, args: argparse.Namespace, data_dir: Path) -> di
         "max_batch_size": args.max_batch_size if batching else 1,
         "max_delay_ms": args.max_delay_ms,
         "workers": args.workers,
+        "model_instances": args.model_instances,
         "grace_s": 2.0,
     }
 
@@ -332,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-delay-ms", type=float, default=0.0, help="batcher delay (default 0, the server's)"
     )
     p.add_argument("--workers", type=int, default=64, help="server gRPC threads (default 64)")
+    p.add_argument(
+        "--model-instances",
+        type=int,
+        default=1,
+        help="server model instances (default 1); the ceiling is then the best of 1 and this",
+    )
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--visibility-trials", type=int, default=20, help="0: skip")
     args = p.parse_args(argv)
@@ -342,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     query_imgs = [tests[i % len(tests)] for i in range(args.images)]
     payload = pb.ClassifyRequest(collection=COLLECTION, images=query_imgs).SerializeToString()
 
-    best_b, ceiling, per_batch = measure_ceiling(tests, args.ceiling_seconds)
+    streams = sorted({1, args.model_instances})
+    ceilings = {n: measure_ceiling(tests, args.ceiling_seconds, n) for n in streams}
+    best_n = max(ceilings, key=lambda n: ceilings[n][1])
+    best_b, ceiling, _ = ceilings[best_n]
     points: list[Point] = []
     visibility: tuple[list[float], list[float], list[int]] | None = None
     for mode in args.batching:
@@ -362,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     where = "subprocess" if args.server_process else "in-process"
     print(
         f"\nServer: {where}, workers {args.workers}; batching on = max_batch_size "
-        f"{args.max_batch_size}, max_delay_ms {args.max_delay_ms}; off = max_batch_size 1. "
+        f"{args.max_batch_size}, max_delay_ms {args.max_delay_ms}; off = max_batch_size 1; "
+        f"{args.model_instances} model instance(s). "
         f"{args.images} image(s)/request, {args.seconds:g} s per point, {os.cpu_count()} CPUs.\n"
     )
     print("| mode | concurrency | requests/s | images/s | p50 ms | p99 ms | % of ceiling |")
@@ -373,11 +403,14 @@ def main(argv: list[str] | None = None) -> int:
             f"| batching {pt.mode} | {pt.concurrency} | {pt.rps:.1f} | {pt.ips:.1f} | "
             f"{pt.pct(50):.2f} | {pt.pct(99):.2f} | {100 * pt.ips / ceiling:.1f}%{err} |"
         )
-    sizes = ", ".join(f"{b}: {v:.0f}" for b, v in per_batch.items())
-    print(
-        f"\nCeiling (in-process decode + embed + score, no gRPC): {ceiling:.1f} images/s "
-        f"at batch {best_b} (images/s by batch size: {sizes})."
-    )
+    print()
+    for n, (b, v, per) in ceilings.items():
+        sizes = ", ".join(f"{bs}: {x:.0f}" for bs, x in per.items())
+        print(
+            f"In-process decode + embed + score, no gRPC, {n} stream(s): {v:.1f} images/s at "
+            f"batch {b} (images/s by batch size: {sizes})."
+        )
+    print(f"Ceiling: {ceiling:.1f} images/s ({best_n} stream(s), batch {best_b}).")
     at32 = [pt for pt in points if pt.concurrency == 32]
     for pt in at32:
         ok = pt.ips >= GOAL_CEILING * ceiling

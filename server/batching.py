@@ -1,10 +1,13 @@
 """A dynamic batcher in front of a batched function (the backbone), as Triton's dynamic batching.
 
 Callers ``submit`` single items from any thread and get a ``concurrent.futures.Future`` each
-(``await asyncio.wrap_future(f)`` from asyncio). One worker thread groups queued items into
-batches and calls ``fn(items) -> results`` once per batch. Which items run now is decided by
-``collate``, a pure function of the queue and the clock: a batch is taken when it is full or
-when its oldest item has waited ``max_delay_s`` (timestamps taken at enqueue).
+(``await asyncio.wrap_future(f)`` from asyncio). Worker threads group queued items into
+batches and call ``fn(items) -> results`` once per batch: one worker by default, or
+``instances`` of them taking batches in turn, so that many batches run at once (Triton's
+``instance_group`` count; ``fn`` must then be safe to call from several threads). Which
+items run now is decided by ``collate``, a pure function of the queue and the clock: a batch
+is taken when it is full or when its oldest item has waited ``max_delay_s`` (timestamps taken
+at enqueue).
 
 ``max_batch_size=1`` or ``max_delay_s=0`` switches batching off in effect: with a delay of 0 a
 batch is taken as soon as anything is queued (only what piled up while the previous batch ran
@@ -97,6 +100,7 @@ class DynamicBatcher(Generic[T, R]):
         max_delay_s: float = 0.005,
         max_queue: int = 1024,
         name: str = "batcher",
+        instances: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"batcher {name!r}: max_batch_size must be >= 1, got {max_batch_size}")
@@ -104,6 +108,8 @@ class DynamicBatcher(Generic[T, R]):
             raise ValueError(f"batcher {name!r}: max_delay_s must be >= 0, got {max_delay_s}")
         if max_queue < 1:
             raise ValueError(f"batcher {name!r}: max_queue must be >= 1, got {max_queue}")
+        if instances < 1:
+            raise ValueError(f"batcher {name!r}: instances must be >= 1, got {instances}")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -117,8 +123,13 @@ class DynamicBatcher(Generic[T, R]):
         self._failed_batches = 0
         self._rejected = 0
         self._batch_sizes: Counter[int] = Counter()
-        self._worker = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
-        self._worker.start()
+        self.instances = instances
+        self._workers = [
+            threading.Thread(target=self._run, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(instances)
+        ]
+        for w in self._workers:
+            w.start()
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -152,7 +163,7 @@ class DynamicBatcher(Generic[T, R]):
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops taking items. ``drain``: run what is queued first; else fail it with ``Closed``.
 
-        Waits up to ``timeout`` seconds for the worker (the batch running now always finishes).
+        Waits up to ``timeout`` seconds for the workers (batches running now always finish).
         Idempotent; safe to call from inside ``fn`` (it then does not wait).
         """
         with self._cond:
@@ -165,8 +176,11 @@ class DynamicBatcher(Generic[T, R]):
         for p in dropped:
             if p.future.set_running_or_notify_cancel():
                 p.future.set_exception(Closed(f"batcher {self.name!r} closed before this item ran"))
-        if threading.current_thread() is not self._worker:
-            self._worker.join(timeout)
+        if threading.current_thread() in self._workers:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for w in self._workers:
+            w.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def closed(self) -> bool:
@@ -206,6 +220,8 @@ class DynamicBatcher(Generic[T, R]):
                 if batch:
                     for _ in batch:
                         self._queue.popleft()
+                    if self._queue and len(self._workers) > 1:
+                        self._cond.notify()  # what is left may be due for an idle worker
                     return batch
                 self._cond.wait(head[0].enqueued_at + delay - now if head else None)
 

@@ -43,6 +43,9 @@ class ServerConfig:
     max_delay_ms: float = 0.0
     max_queue: int = 1024  # images waiting per model's batcher; beyond: RESOURCE_EXHAUSTED
     workers: int = 16  # gRPC handler threads
+    # Batches of one model that may run at once (Triton's instance_group count); onnxruntime
+    # then gives each run cores / instances threads.
+    model_instances: int = 1
     decode_threads: int = 4
     max_message_bytes: int = 64 * 1024 * 1024
     max_images_per_request: int = 256
@@ -66,6 +69,7 @@ class ServerConfig:
             "max_batch_size",
             "max_queue",
             "workers",
+            "model_instances",
             "decode_threads",
             "max_message_bytes",
             "max_images_per_request",

@@ -14,6 +14,7 @@ normalised neighbour votes themselves for ``knn``.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,6 +72,7 @@ class PipelineOptions:
     max_delay_s: float = 0.0  # as ServerConfig.max_delay_ms
     max_queue: int = 1024
     decode_threads: int = 4
+    model_instances: int = 1  # batches of one model running at once (ServerConfig's)
     max_images_per_request: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE
@@ -110,6 +112,7 @@ class _Model:
             max_delay_s=opts.max_delay_s,
             max_queue=opts.max_queue,
             name=folder.name,
+            instances=opts.model_instances,
         )
 
     def _encode(self, items: list[FloatArray]) -> list[FloatArray]:
@@ -153,9 +156,17 @@ class Pipeline:
                     folder = self.models.get(name)
                 except KeyError as e:
                     raise NotFound(str(e.args[0])) from e
-                m = _Model(folder, OnnxRuntime(folder, self._onnx_config), self.options)
+                m = _Model(folder, OnnxRuntime(folder, self._runtime_config()), self.options)
                 self._loaded[name] = m
             return m
+
+    def _runtime_config(self) -> OnnxConfig | None:
+        """The given config, else with several instances: the cores shared out among them."""
+        n = self.options.model_instances
+        if self._onnx_config is not None or n == 1:
+            return self._onnx_config
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return OnnxConfig(intra_op_threads=max(1, (cores or 1) // n))
 
     def batcher_stats(self) -> list[BatcherStats]:
         """One snapshot per loaded model's batcher (for metrics)."""

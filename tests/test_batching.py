@@ -292,3 +292,22 @@ def test_usable_from_asyncio(make) -> None:
 def test_rejects_bad_configuration(kw: dict[str, float], what: str) -> None:
     with pytest.raises(ValueError, match=what):
         DynamicBatcher(lambda xs: xs, name="cfg", **kw)
+
+
+def test_instances_run_batches_side_by_side(make) -> None:
+    """With two instances, a batch blocked in ``fn`` does not hold the next one back; every
+    item still gets its own result, and close joins both workers."""
+    gate = Gated()
+    b = make(gate, max_batch_size=2, max_delay_s=0.0, instances=2)
+    held = gate.hold(b)  # instance 1 is blocked inside fn
+    assert b.submit("x").result(WAIT) == "x!"  # instance 2 ran it meanwhile
+    assert not held.done()
+    gate.release.set()
+    assert held.result(WAIT) == "gate!"
+    futures = [b.submit(i) for i in range(50)]
+    assert [f.result(WAIT) for f in futures] == [f"{i}!" for i in range(50)]
+    assert b.stats().items_run == 52
+    b.close(timeout=WAIT)
+    assert not any(w.is_alive() for w in b._workers)
+    with pytest.raises(ValueError, match="instances"):
+        DynamicBatcher(gate, instances=0)

@@ -46,9 +46,10 @@ def test_serving_bench() -> None:
     out = run_bench(
         "bench/serving.py",
         "--seconds", "0.3", "--concurrency", "2", "--batching", "on",
-        "--ceiling-seconds", "0.5", "--visibility-trials", "1",
+        "--ceiling-seconds", "0.5", "--visibility-trials", "1", "--model-instances", "2",
     )  # fmt: skip
     assert "% of ceiling" in out and "Registration visibility" in out
+    assert "1 stream(s)" in out and "2 stream(s)" in out
 
 
 @needs_run

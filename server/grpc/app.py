@@ -95,6 +95,7 @@ def build_server(cfg: ServerConfig) -> tuple[ProtoserveServer, int]:
                 max_delay_s=cfg.max_delay_ms / 1000.0,
                 max_queue=cfg.max_queue,
                 decode_threads=cfg.decode_threads,
+                model_instances=cfg.model_instances,
                 max_images_per_request=cfg.max_images_per_request,
                 max_pixels=cfg.max_pixels,
                 max_classes_per_collection=cfg.max_classes_per_collection,

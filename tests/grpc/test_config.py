@@ -43,8 +43,10 @@ def test_flags(tmp_path: Path) -> None:
     args = parser.parse_args(
         ["--port", "0", "--model-repo", MODELS, "--max-classes-per-collection", "5"]
     )
-    cfg = config_from_args(args, env={"PROTOSERVE_PORT": "7", "PROTOSERVE_MAX_QUEUE": "9"})
+    env = {"PROTOSERVE_PORT": "7", "PROTOSERVE_MAX_QUEUE": "9", "PROTOSERVE_MODEL_INSTANCES": "2"}
+    cfg = config_from_args(args, env=env)
     assert (cfg.port, cfg.max_classes_per_collection, cfg.max_queue) == (0, 5, 9)
+    assert cfg.model_instances == 2 and ServerConfig(model_repo=MODELS).model_instances == 1
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,7 @@ def test_flags(tmp_path: Path) -> None:
         ('max_queue = "many"\n', {}, {}, ["max_queue", "positive integer"]),
         ("port = [\n", {}, {}, ["c.toml"]),
         ("", {}, {"max_images_per_request": 0}, ["max_images_per_request"]),
+        ("", {}, {"model_instances": 0}, ["model_instances", "positive integer"]),
         ("", {}, {"nope": 1}, ["unknown setting 'nope'"]),
         ("", {"PROTOSERVE_MODEL_REPO": "/no/such"}, {}, ["model_repo", "not a directory"]),
     ],

@@ -156,3 +156,33 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
         assert classify_run(second.stub) == before == run01_error()
     finally:
         second.close()
+
+
+def test_two_model_instances_answer_concurrent_clients_alike(tmp_path: Path) -> None:
+    """``model_instances 2``: two batches run at once, each on its own onnxruntime threads;
+    many concurrent one-image requests get the answers a single request gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    r = Running(tmp_path / "data", model_instances=2, max_batch_size=4)
+    try:
+        create(r.stub)
+        register_run(r.stub)
+        assert classify_run(r.stub) == run01_error()
+        tests = sorted((RUN / "test").glob("*.png"))
+        want = {}
+        for t in tests:
+            one = r.stub.Classify(pb.ClassifyRequest(collection="run01", images=[t.read_bytes()]))
+            want[t.name] = [p.label for p in one.results[0].predictions]
+
+        def ask(i: int) -> tuple[str, list[str]]:
+            t = tests[i % len(tests)]
+            resp = r.stub.Classify(pb.ClassifyRequest(collection="run01", images=[t.read_bytes()]))
+            return t.name, [p.label for p in resp.results[0].predictions]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, range(80)))
+        assert all(labels == want[name] for name, labels in got)
+        (stats,) = r.server.pipeline.batcher_stats()
+        assert stats.items_run >= 80 + 20 + 20 and stats.failed_batches == 0
+    finally:
+        r.close()
