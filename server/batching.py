@@ -119,6 +119,7 @@ class DynamicBatcher(Generic[T, R]):
         self._cond = threading.Condition()
         self._closed = False
         self._batches_run = 0
+        self._running = 0  # batches inside fn right now
         self._items_run = 0
         self._failed_batches = 0
         self._rejected = 0
@@ -192,6 +193,12 @@ class DynamicBatcher(Generic[T, R]):
     def __exit__(self, *exc: object) -> None:
         self.close(drain=True)
 
+    def load(self) -> tuple[int, int]:
+        """``(batches running now, items waiting)``: from inside ``fn``, ``(1, 0)`` means this
+        batch has the model to itself (e.g. to use every core for it)."""
+        with self._cond:
+            return self._running, len(self._queue)
+
     def stats(self) -> BatcherStats:
         with self._cond:
             return BatcherStats(
@@ -217,9 +224,15 @@ class DynamicBatcher(Generic[T, R]):
                 delay = 0.0 if self._closed else self.max_delay_s
                 now = time.monotonic()
                 batch, _ = collate(head, now, self.max_batch_size, delay)
+                if batch and self.instances > 1:
+                    # Share what is due among the idle instances (this one included), so that
+                    # one instance does not take it all while another has nothing to run.
+                    idle = self.instances - self._running
+                    batch = batch[: max(1, -(-len(self._queue) // idle))]
                 if batch:
                     for _ in batch:
                         self._queue.popleft()
+                    self._running += 1
                     if self._queue and len(self._workers) > 1:
                         self._cond.notify()  # what is left may be due for an idle worker
                     return batch
@@ -230,6 +243,9 @@ class DynamicBatcher(Generic[T, R]):
             live = [p for p in batch if p.future.set_running_or_notify_cancel()]
             if live:
                 self._run_batch(live)
+            else:
+                with self._cond:
+                    self._running -= 1
 
     def _run_batch(self, batch: list[_Pending[T, R]]) -> None:
         error: BaseException | None = None
@@ -244,6 +260,7 @@ class DynamicBatcher(Generic[T, R]):
         except Exception as e:  # isolated to this batch; the worker keeps serving
             error = e
         with self._cond:
+            self._running -= 1
             self._batches_run += 1
             self._items_run += len(batch)
             self._batch_sizes[len(batch)] += 1

@@ -43,9 +43,10 @@ class ServerConfig:
     max_delay_ms: float = 0.0
     max_queue: int = 1024  # images waiting per model's batcher; beyond: RESOURCE_EXHAUSTED
     workers: int = 16  # gRPC handler threads
-    # Batches of one model that may run at once (Triton's instance_group count); onnxruntime
-    # then gives each run cores / instances threads.
-    model_instances: int = 1
+    # Batches of one model that may run at once (Triton's instance_group count), each on
+    # cores / instances onnxruntime threads when they overlap. 0: 2 for a model on the CPU
+    # (with 2+ cores), else 1. Measured by bench/serving.py (README, "Serving benchmark").
+    model_instances: int = 0
     decode_threads: int = 4
     max_message_bytes: int = 64 * 1024 * 1024
     max_images_per_request: int = 256
@@ -69,7 +70,6 @@ class ServerConfig:
             "max_batch_size",
             "max_queue",
             "workers",
-            "model_instances",
             "decode_threads",
             "max_message_bytes",
             "max_images_per_request",
@@ -80,6 +80,9 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        n = self.model_instances
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"model_instances must be an integer >= 0 (0: automatic), got {n!r}")
         for name in ("max_delay_ms", "grace_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:

@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -72,7 +72,7 @@ class PipelineOptions:
     max_delay_s: float = 0.0  # as ServerConfig.max_delay_ms
     max_queue: int = 1024
     decode_threads: int = 4
-    model_instances: int = 1  # batches of one model running at once (ServerConfig's)
+    model_instances: int = 0  # batches of one model running at once (ServerConfig's; 0: auto)
     max_images_per_request: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE
@@ -99,11 +99,25 @@ class TextSupport:
 
 
 class _Model:
-    """One loaded model: runtime, preprocessing and the batcher in front of its image tower."""
+    """One loaded model: runtime, preprocessing and the batcher in front of its image tower.
 
-    def __init__(self, folder: ModelFolder, runtime: Runtime, opts: PipelineOptions) -> None:
+    With several model instances, ``narrow`` is a second copy of the image tower on fewer
+    threads (cores / instances): a batch that has the model to itself runs on ``runtime`` and
+    every core (a lone client keeps its latency), and batches that run side by side under load
+    run on ``narrow``, so that they do not fight over the same cores.
+    """
+
+    def __init__(
+        self,
+        folder: ModelFolder,
+        runtime: Runtime,
+        opts: PipelineOptions,
+        narrow: Runtime | None = None,
+        instances: int = 1,
+    ) -> None:
         self.folder = folder
         self.runtime = runtime
+        self.narrow = narrow
         self.pre = Preprocessor(folder.manifest.preprocess)
         self.logit_scale = float(folder.manifest.scoring.logit_scale)
         self.batcher: DynamicBatcher[FloatArray, FloatArray] = DynamicBatcher(
@@ -112,12 +126,14 @@ class _Model:
             max_delay_s=opts.max_delay_s,
             max_queue=opts.max_queue,
             name=folder.name,
-            instances=opts.model_instances,
+            instances=instances,
         )
 
     def _encode(self, items: list[FloatArray]) -> list[FloatArray]:
-        out = self.runtime.encode_images(np.stack(items))
-        return list(out)
+        runtime = self.runtime
+        if self.narrow is not None and self.batcher.load() != (1, 0):
+            runtime = self.narrow  # other batches run or wait: share the cores out
+        return list(runtime.encode_images(np.stack(items)))
 
 
 class Pipeline:
@@ -156,17 +172,26 @@ class Pipeline:
                     folder = self.models.get(name)
                 except KeyError as e:
                     raise NotFound(str(e.args[0])) from e
-                m = _Model(folder, OnnxRuntime(folder, self._runtime_config()), self.options)
+                runtime = OnnxRuntime(folder, self._onnx_config)
+                n = self._instances(runtime)
+                narrow = self._narrow(folder, n) if n > 1 else None
+                m = _Model(folder, runtime, self.options, narrow=narrow, instances=n)
                 self._loaded[name] = m
             return m
 
-    def _runtime_config(self) -> OnnxConfig | None:
-        """The given config, else with several instances: the cores shared out among them."""
-        n = self.options.model_instances
-        if self._onnx_config is not None or n == 1:
-            return self._onnx_config
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return OnnxConfig(intra_op_threads=max(1, (cores or 1) // n))
+    def _instances(self, runtime: OnnxRuntime) -> int:
+        """The configured model instances; automatic (0): 2 for a model that runs on the CPU
+        of a machine with 2 or more cores, else 1."""
+        if self.options.model_instances > 0:
+            return self.options.model_instances
+        on_cpu = runtime.providers == ["CPUExecutionProvider"]
+        return 2 if on_cpu and _cores() >= 2 else 1
+
+    def _narrow(self, folder: ModelFolder, n: int) -> Runtime:
+        """The image tower again, on cores / ``n`` threads, for batches that run side by side."""
+        threads = max(1, _cores() // n)
+        config = replace(self._onnx_config or OnnxConfig(), intra_op_threads=threads)
+        return OnnxRuntime(folder, config, towers=("image",))
 
     def batcher_stats(self) -> list[BatcherStats]:
         """One snapshot per loaded model's batcher (for metrics)."""
@@ -405,6 +430,13 @@ class Pipeline:
             coll, index, chosen, queries, m.logit_scale, self.options.knn_k
         )
         return Distribution(coll, labels, probs, scores, queries)
+
+
+def _cores() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _unit(x: FloatArray) -> FloatArray:

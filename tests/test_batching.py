@@ -311,3 +311,22 @@ def test_instances_run_batches_side_by_side(make) -> None:
     assert not any(w.is_alive() for w in b._workers)
     with pytest.raises(ValueError, match="instances"):
         DynamicBatcher(gate, instances=0)
+
+
+def test_instances_share_a_due_queue(make) -> None:
+    """Six items due at once, two idle instances: each takes three (not one takes all six)."""
+    seen: list[int] = []
+    lock = threading.Lock()
+    both = threading.Barrier(2, timeout=WAIT)
+
+    def fn(items: list[object]) -> list[object]:
+        with lock:
+            seen.append(len(items))
+        both.wait()  # both instances are inside fn at once
+        return items
+
+    b = make(fn, max_batch_size=8, max_delay_s=0.2, instances=2)
+    futures = b.submit_many(list(range(6)))
+    assert [f.result(WAIT) for f in futures] == list(range(6))
+    assert sorted(seen) == [3, 3]
+    assert b.load() == (0, 0)

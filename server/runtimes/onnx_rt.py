@@ -56,7 +56,13 @@ def pick_providers(wanted: tuple[str, ...] | str) -> list[str]:
 
 
 class OnnxRuntime(Runtime):
-    def __init__(self, model: ModelFolder, config: OnnxConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: ModelFolder,
+        config: OnnxConfig | None = None,
+        towers: Sequence[str] | None = None,
+    ) -> None:
+        """Loads ``towers`` (default: every tower of the model) into onnxruntime sessions."""
         import onnxruntime as ort
 
         self.model = model
@@ -71,7 +77,9 @@ class OnnxRuntime(Runtime):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = pick_providers(self.config.providers)
         self._sessions: dict[str, Any] = {}
-        for tower in model.manifest.towers:
+        for tower in model.manifest.towers if towers is None else towers:
+            if tower not in model.manifest.towers:
+                raise RuntimeError_(f"{model.name} has no {tower!r} tower")
             try:
                 self._sessions[tower] = ort.InferenceSession(
                     str(model.tower_path(tower)), sess_options=opts, providers=self.providers

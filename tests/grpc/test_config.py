@@ -46,7 +46,7 @@ def test_flags(tmp_path: Path) -> None:
     env = {"PROTOSERVE_PORT": "7", "PROTOSERVE_MAX_QUEUE": "9", "PROTOSERVE_MODEL_INSTANCES": "2"}
     cfg = config_from_args(args, env=env)
     assert (cfg.port, cfg.max_classes_per_collection, cfg.max_queue) == (0, 5, 9)
-    assert cfg.model_instances == 2 and ServerConfig(model_repo=MODELS).model_instances == 1
+    assert cfg.model_instances == 2 and ServerConfig(model_repo=MODELS).model_instances == 0
 
 
 @pytest.mark.parametrize(
@@ -59,7 +59,7 @@ def test_flags(tmp_path: Path) -> None:
         ('max_queue = "many"\n', {}, {}, ["max_queue", "positive integer"]),
         ("port = [\n", {}, {}, ["c.toml"]),
         ("", {}, {"max_images_per_request": 0}, ["max_images_per_request"]),
-        ("", {}, {"model_instances": 0}, ["model_instances", "positive integer"]),
+        ("", {}, {"model_instances": -1}, ["model_instances", ">= 0 (0: automatic)"]),
         ("", {}, {"nope": 1}, ["unknown setting 'nope'"]),
         ("", {"PROTOSERVE_MODEL_REPO": "/no/such"}, {}, ["model_repo", "not a directory"]),
     ],

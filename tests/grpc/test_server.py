@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.grpc.app import SERVICE_NAME
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
 from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
-from tests.grpc.support import RUN, Running, create, run01_error, truth
+from tests.grpc.support import MODEL, RUN, Running, create, run01_error, truth
 
 pytestmark = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run at {RUN}")
 
@@ -184,5 +185,20 @@ def test_two_model_instances_answer_concurrent_clients_alike(tmp_path: Path) -> 
         assert all(labels == want[name] for name, labels in got)
         (stats,) = r.server.pipeline.batcher_stats()
         assert stats.items_run >= 80 + 20 + 20 and stats.failed_batches == 0
+        m = r.server.pipeline.model(MODEL)
+        assert m.batcher.instances == 2 and m.narrow is not None
+        assert m.narrow.config.intra_op_threads == max(1, len(os.sched_getaffinity(0)) // 2)
     finally:
         r.close()
+
+
+def test_model_instances_automatic_and_one(tmp_path: Path) -> None:
+    """0 (the default): 2 instances for a model on the CPU of a 2+ core machine; 1: no second
+    copy of the tower."""
+    for setting, want in ((0, 2 if len(os.sched_getaffinity(0)) >= 2 else 1), (1, 1)):
+        r = Running(tmp_path / f"data{setting}", model_instances=setting)
+        try:
+            m = r.server.pipeline.model(MODEL)
+            assert m.batcher.instances == want and (m.narrow is None) == (want == 1)
+        finally:
+            r.close()
