@@ -155,6 +155,24 @@ class DynamicBatcher(Generic[T, R]):
             self._cond.notify()
         return [p.future for p in pending]
 
+    def run_here(self, items: Sequence[T]) -> Sequence[R] | None:
+        """Runs ``items`` as one batch in the calling thread when nothing waits, an instance is
+        free and the batcher does not hold items to fill batches (``max_delay_s`` 0): the same
+        ``fn`` call a worker would make now, without the hand-off to it and back. ``None``
+        (nothing run) otherwise: then ``submit_many``. Raises what ``fn`` raises."""
+        if self.max_delay_s > 0 or not 0 < len(items) <= self.max_batch_size:
+            return None
+        with self._cond:
+            if self._closed:
+                raise Closed(f"batcher {self.name!r} is closed and takes no new items")
+            if self._queue or self._running >= self.instances:
+                return None
+            self._running += 1
+        results, error = self._call(list(items))
+        if error is not None:
+            raise error
+        return results
+
     async def submit_async(self, item: T) -> R:
         """``submit`` for asyncio callers: awaits the result without blocking the loop."""
         return await asyncio.wrap_future(self.submit(item))
@@ -219,6 +237,9 @@ class DynamicBatcher(Generic[T, R]):
             while True:
                 if self._closed and not self._queue:
                     return None
+                if self._running >= self.instances:  # every instance busy (some inline)
+                    self._cond.wait()
+                    continue
                 # Only the head matters to collate: the first max_batch_size items decide.
                 head = list(itertools.islice(self._queue, self.max_batch_size))
                 delay = 0.0 if self._closed else self.max_delay_s
@@ -227,7 +248,7 @@ class DynamicBatcher(Generic[T, R]):
                 if batch and self.instances > 1:
                     # Share what is due among the idle instances (this one included), so that
                     # one instance does not take it all while another has nothing to run.
-                    idle = self.instances - self._running
+                    idle = self.instances - self._running  # >= 1: checked above
                     batch = batch[: max(1, -(-len(self._queue) // idle))]
                 if batch:
                     for _ in batch:
@@ -247,25 +268,33 @@ class DynamicBatcher(Generic[T, R]):
                 with self._cond:
                     self._running -= 1
 
-    def _run_batch(self, batch: list[_Pending[T, R]]) -> None:
+    def _call(self, items: list[T]) -> tuple[Sequence[R], BaseException | None]:
+        """``fn(items)`` with its result checked, then the books kept (this batch was counted
+        as running when it was taken)."""
         error: BaseException | None = None
         results: Sequence[R] = ()
         try:
-            results = self.fn([p.item for p in batch])
-            if len(results) != len(batch):
+            results = self.fn(items)
+            if len(results) != len(items):
                 raise BatchSizeMismatch(
                     f"batcher {self.name!r}: fn returned {len(results)} results "
-                    f"for a batch of {len(batch)} items"
+                    f"for a batch of {len(items)} items"
                 )
         except Exception as e:  # isolated to this batch; the worker keeps serving
             error = e
         with self._cond:
             self._running -= 1
             self._batches_run += 1
-            self._items_run += len(batch)
-            self._batch_sizes[len(batch)] += 1
+            self._items_run += len(items)
+            self._batch_sizes[len(items)] += 1
             if error is not None:
                 self._failed_batches += 1
+            if self._queue:
+                self._cond.notify()  # an instance is free for what waits
+        return results, error
+
+    def _run_batch(self, batch: list[_Pending[T, R]]) -> None:
+        results, error = self._call([p.item for p in batch])
         for i, p in enumerate(batch):
             if error is not None:
                 p.future.set_exception(error)

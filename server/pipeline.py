@@ -306,6 +306,9 @@ class Pipeline:
         else:
             decoded = [self._pool.submit(self._preprocess, m, b, i) for i, b in enumerate(images)]
             pixels = [f.result() for f in decoded]  # the first bad image's error, in order
+        done = m.batcher.run_here(pixels)
+        if done is not None:  # the model was free: run in this thread, no hand-off
+            return np.stack(done).astype(np.float32, copy=False)
         futures: list[Future[FloatArray]] = m.batcher.submit_many(pixels)
         return np.stack([f.result() for f in futures]).astype(np.float32, copy=False)
 

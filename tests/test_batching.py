@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -330,3 +331,51 @@ def test_instances_share_a_due_queue(make) -> None:
     assert [f.result(WAIT) for f in futures] == list(range(6))
     assert sorted(seen) == [3, 3]
     assert b.load() == (0, 0)
+
+
+def test_run_here_only_when_an_instance_is_free(make) -> None:
+    """``run_here`` runs in the caller's thread while an instance is free and nothing waits,
+    counts as a batch, never lets more than ``instances`` batches run, and declines
+    (``None``) when the batcher holds items to fill batches."""
+    gate = Gated()
+    b = make(gate, max_batch_size=4, max_delay_s=0.0, instances=1)
+    assert b.run_here(["a", "b"]) == ["a!", "b!"]
+    assert b.stats().batch_sizes == {2: 1} and b.load() == (0, 0)
+    assert b.run_here([]) is None and b.run_here(list(range(5))) is None  # 0 or > max
+    held = gate.hold(b)  # the one instance is busy
+    assert b.run_here(["c"]) is None
+    queued = b.submit("d")  # waits for the instance, not run beside it
+    assert b.load() == (1, 1)
+    gate.release.set()
+    assert held.result(WAIT) == "gate!" and queued.result(WAIT) == "d!"
+    with pytest.raises(RuntimeError, match="boom"):
+        make(Gated(fail_on="x"), max_delay_s=0.0).run_here(["x"])
+    assert make(Gated(), max_delay_s=0.01).run_here(["y"]) is None  # holds items: never inline
+    b.close()
+    with pytest.raises(Closed):
+        b.run_here(["z"])
+
+
+def test_a_worker_waits_while_inline_batches_fill_the_instances(make) -> None:
+    """Two instances both busy in callers' threads: a submitted item waits for one of them."""
+    entered, release = threading.Barrier(3, timeout=WAIT), threading.Event()
+
+    def fn(items: list[object]) -> list[object]:
+        if "hold" in items:
+            entered.wait()
+            assert release.wait(WAIT)
+        return items
+
+    b = make(fn, max_batch_size=4, max_delay_s=0.0, instances=2)
+    callers = [threading.Thread(target=b.run_here, args=(["hold"],)) for _ in range(2)]
+    for t in callers:
+        t.start()
+    entered.wait()  # both instances are inside fn, in the callers' threads
+    assert b.load() == (2, 0)
+    f = b.submit("later")
+    time.sleep(0.05)
+    assert not f.done() and b.load() == (2, 1)
+    release.set()
+    assert f.result(WAIT) == "later"
+    for t in callers:
+        t.join(WAIT)

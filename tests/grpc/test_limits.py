@@ -126,7 +126,8 @@ class _Held:
 
 
 def test_queue_full_is_resource_exhausted(tmp_path: Path) -> None:
-    with _server(tmp_path, max_queue=2, max_batch_size=1, max_delay_ms=0) as r:
+    # one model instance: while it is held, everything else must wait in the queue
+    with _server(tmp_path, max_queue=2, max_batch_size=1, max_delay_ms=0, model_instances=1) as r:
         stub = r.stub
         img = training_images()[0].read_bytes()
         model = r.server.pipeline.model(MODEL)
@@ -134,7 +135,7 @@ def test_queue_full_is_resource_exhausted(tmp_path: Path) -> None:
         model.runtime = held
         try:
             first = stub.Classify.future(pb.ClassifyRequest(collection="run01", images=[img]))
-            assert held.entered.wait(10)  # the batcher's worker is busy with the first image
+            assert held.entered.wait(10)  # the one instance is busy with the first image
             queued = stub.Classify.future(pb.ClassifyRequest(collection="run01", images=[img] * 2))
             while model.batcher.stats().queue_depth < 2:  # the queue (2) is now full
                 threading.Event().wait(0.01)
