@@ -14,7 +14,7 @@ The ceiling is the same decode + embed + score work in this process with no gRPC
 batcher (``Preprocessor.preprocess_bytes`` -> ``runtime.encode_images`` -> prototype scores and
 top-k) at the best of several batch sizes, measured before any server starts; "% of ceiling"
 is served images/s over ceiling images/s. When the server runs N > 1 model instances
-(``--model-instances``, default automatic: 2 on a CPU with 2+ cores), each batch that overlaps
+(``--model-instances``; 0: automatic, 2 on a CPU with 2+ cores), each batch that overlaps
 another on cores / N onnxruntime threads, the same loop also runs in N threads at once on a
 runtime set up that way, and the ceiling is the better of the two.
 
@@ -358,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model-instances",
         type=int,
-        default=0,
-        help="server model instances (default 0: the server's automatic choice); the ceiling "
-        "is the better of 1 stream and that many",
+        default=1,
+        help="server model instances (default 1, the server's; 0: automatic); the ceiling is "
+        "the better of 1 stream and that many",
     )
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--visibility-trials", type=int, default=20, help="0: skip")

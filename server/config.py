@@ -45,8 +45,9 @@ class ServerConfig:
     workers: int = 16  # gRPC handler threads
     # Batches of one model that may run at once (Triton's instance_group count), each on
     # cores / instances onnxruntime threads when they overlap. 0: 2 for a model on the CPU
-    # (with 2+ cores), else 1. Measured by bench/serving.py (README, "Serving benchmark").
-    model_instances: int = 0
+    # (with 2+ cores), else 1. 2 with --max-batch-size 1 serves the bundled model fastest on
+    # 2 cores; with batching on, 2 gave worse tails (README, "Serving benchmark").
+    model_instances: int = 1
     decode_threads: int = 4
     max_message_bytes: int = 64 * 1024 * 1024
     max_images_per_request: int = 256

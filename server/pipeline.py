@@ -72,7 +72,7 @@ class PipelineOptions:
     max_delay_s: float = 0.0  # as ServerConfig.max_delay_ms
     max_queue: int = 1024
     decode_threads: int = 4
-    model_instances: int = 0  # batches of one model running at once (ServerConfig's; 0: auto)
+    model_instances: int = 1  # batches of one model running at once (ServerConfig's; 0: auto)
     max_images_per_request: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE

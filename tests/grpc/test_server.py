@@ -193,8 +193,8 @@ def test_two_model_instances_answer_concurrent_clients_alike(tmp_path: Path) -> 
 
 
 def test_model_instances_automatic_and_one(tmp_path: Path) -> None:
-    """0 (the default): 2 instances for a model on the CPU of a 2+ core machine; 1: no second
-    copy of the tower."""
+    """0 (automatic): 2 instances for a model on the CPU of a 2+ core machine; 1 (the
+    default): no second copy of the tower."""
     for setting, want in ((0, 2 if len(os.sched_getaffinity(0)) >= 2 else 1), (1, 1)):
         r = Running(tmp_path / f"data{setting}", model_instances=setting)
         try:
