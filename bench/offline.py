@@ -84,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32, help="server batcher (default 32)")
     p.add_argument("--max-delay-ms", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=64)
+    p.add_argument("--model-instances", type=int, default=1, help="server model instances")
     args = p.parse_args(argv)
     args.server_process = True
     if not serving.RUN.is_dir():
         p.error(f"no Omniglot sample run at {serving.RUN}")
 
-    best_b, ceiling, _ = serving.measure_ceiling(serving.test_images(), args.ceiling_seconds)
+    _, best_b, ceiling, _ = serving.measure_ceiling(serving.test_images(), args.ceiling_seconds)
     tmp = Path(tempfile.mkdtemp(prefix="protoserve-offline-"))
     points: list[tuple] = []
     try:
