@@ -136,13 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser().error("--server needs --export (the collection's model)")
     import torch
 
-    from training.finetune import Classifier, FitConfig, accuracy, fit, fmnist_augment
+    from training.finetune import Classifier, FitConfig, fit, fmnist_augment
     from training.finetune_export import (
         export_finetuned,
         load_backbone,
         register_classes,
         served_accuracy,
     )
+    from training.inference import accuracy
 
     options = {k: int(v) for k, v in (o.split("=", 1) for o in args.option)}
     torch.set_num_threads(args.threads)

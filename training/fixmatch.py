@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.finetune import Classifier, accuracy, to_unit
+from training.finetune import Classifier
 from training.flexmatch import ClassThresholds
+from training.inference import accuracy, to_unit
 from training.noise import OPS, rand_augment, weak_augment
 
 

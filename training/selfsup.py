@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.finetune import feature_dim_of, flip_translate, to_unit
+from training.finetune import feature_dim_of, flip_translate
+from training.inference import to_unit
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 

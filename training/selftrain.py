@@ -160,7 +160,7 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> PseudoLabels:
 def model_teacher(model: Any, *, flip_tta: bool = False, batch_size: int = 1024) -> Teacher:
     """A ``Classifier`` as a teacher (eval mode, no noise: Noisy Student's un-noised teacher).
     ``flip_tta`` averages the probabilities of each image and its mirror image."""
-    from training.finetune import predict_proba
+    from training.inference import predict_proba
 
     def teach(x: np.ndarray) -> np.ndarray:
         p = predict_proba(model, x, batch_size=batch_size)

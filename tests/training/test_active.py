@@ -311,7 +311,7 @@ def _toy_images(n_per: int = 12) -> tuple[np.ndarray, np.ndarray]:
 def test_experiment_scores_and_loop() -> None:
     pytest.importorskip("torch")
     from training.experiments.fmnist_active import Memo, Recipe, score_model
-    from training.finetune import predict_proba
+    from training.inference import predict_proba
 
     x, y = _toy_images()
     recipe = Recipe(epochs=1, steps_per_epoch=3, batch_size=16, mc_samples=3)

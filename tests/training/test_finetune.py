@@ -15,16 +15,13 @@ from training.backbones.small_vgg import SmallVGG
 from training.finetune import (
     Classifier,
     FitConfig,
-    accuracy,
-    embed,
     fit,
     flip_translate,
     fmnist_augment,
     fmnist_classifier,
     make_optimizer,
-    predict_proba,
-    to_unit,
 )
+from training.inference import accuracy, embed, predict_proba, to_unit
 
 C, SIZE = 3, 12
 

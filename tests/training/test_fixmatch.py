@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from training.checkpoint import load_checkpoint  # noqa: E402
-from training.finetune import Classifier, accuracy  # noqa: E402
+from training.finetune import Classifier  # noqa: E402
 from training.fixmatch import (  # noqa: E402
     FixMatchConfig,
     align,
@@ -19,6 +19,7 @@ from training.fixmatch import (  # noqa: E402
     lr_at,
     pseudo_labels,
 )
+from training.inference import accuracy  # noqa: E402
 
 
 def test_pseudo_labels_mask_and_threshold_exact() -> None:

@@ -8,9 +8,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tests.training.test_fixmatch import _tiny_model, _toy, linear_case  # noqa: E402
-from training.finetune import accuracy  # noqa: E402
 from training.fixmatch import FixMatchConfig, fixmatch, fixmatch_loss  # noqa: E402
 from training.flexmatch import ClassThresholds, convex_map  # noqa: E402
+from training.inference import accuracy  # noqa: E402
 
 
 def test_convex_map_exact() -> None:

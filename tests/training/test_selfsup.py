@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from training.backbones.small_vgg import SmallVGG
-from training.finetune import Classifier, FitConfig, accuracy, fit, flip_translate
+from training.finetune import Classifier, FitConfig, fit, flip_translate
+from training.inference import accuracy
 from training.selfsup import (
     PretrainConfig,
     nt_xent,

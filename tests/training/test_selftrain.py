@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from training.data.pixels import png_bytes  # noqa: E402
-from training.finetune import Classifier, FitConfig, accuracy  # noqa: E402
+from training.finetune import Classifier, FitConfig  # noqa: E402
+from training.inference import accuracy  # noqa: E402
 from training.labelprop import knn_graph, label_propagation  # noqa: E402
 from training.noise import OPS, Noise, apply_op, cutout, rand_augment, weak_augment  # noqa: E402
 from training.selftrain import (  # noqa: E402

@@ -100,7 +100,7 @@ def score_model(
     """What a strategy needs from the model on images ``x``: one backbone pass per need."""
     import torch
 
-    from training.finetune import embed, predict_proba
+    from training.inference import embed, predict_proba
 
     out: dict[str, np.ndarray] = {}
     if "embeddings" in needs:
@@ -159,7 +159,7 @@ class Memo:
         return self.result
 
     def accuracy(self, model: Any, x: np.ndarray, y: np.ndarray) -> float:
-        from training.finetune import accuracy
+        from training.inference import accuracy
 
         return float(self.evaluate(model, lambda m: accuracy(m, x, y)))
 
@@ -172,7 +172,7 @@ def run_strategy(
     rounds: int,
     memo: Memo | None = None,
 ) -> dict[str, Any]:
-    from training.finetune import accuracy
+    from training.inference import accuracy
 
     train, test, split = data
     memo = memo or Memo()
@@ -236,7 +236,7 @@ TUNE_GRID = {
 def tune(seed: int, base: Recipe, data: tuple[Any, Any, Any]) -> dict[str, Any]:
     """Each grid recipe trained on the 100 start labels and on 1,000 (the 100 plus 900 random
     pool images); the best mean validation accuracy over the two wins."""
-    from training.finetune import accuracy
+    from training.inference import accuracy
 
     train, _, split = data
     pool = np.setdiff1d(split.unlabeled, split.val)

@@ -28,7 +28,8 @@ import torch
 from training.data.fashion_mnist import load_fashion_mnist
 from training.data.imageset import ImageSet
 from training.data.semisup import SemiSupSplit, semisup_split
-from training.finetune import FitConfig, accuracy, fit, fmnist_augment, fmnist_classifier
+from training.finetune import FitConfig, fit, fmnist_augment, fmnist_classifier
+from training.inference import accuracy
 
 
 @dataclass

@@ -31,14 +31,9 @@ import torch
 from training.data.fashion_mnist import load_fashion_mnist
 from training.data.semisup import semisup_split
 from training.devices import resolve_device
-from training.finetune import (
-    FMNIST_ARCHS,
-    Classifier,
-    accuracy,
-    fmnist_classifier,
-    predict_proba,
-)
+from training.finetune import FMNIST_ARCHS, Classifier, fmnist_classifier
 from training.fixmatch import FixMatchConfig, describe, fixmatch
+from training.inference import accuracy, predict_proba
 from training.noise import OPS
 
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from training.backbones.small_vgg import SmallVGG
 from training.experiments.fmnist_baseline import Clock, load_data, print_table, write_json
-from training.finetune import Classifier, FitConfig, accuracy, fit, fmnist_augment
+from training.finetune import Classifier, FitConfig, fit, fmnist_augment
+from training.inference import accuracy
 from training.selfsup import PretrainConfig, pretrain_rotation, pretrain_simclr
 
 

@@ -34,7 +34,8 @@ import torch
 
 from training.data.fashion_mnist import load_fashion_mnist
 from training.data.semisup import semisup_split
-from training.finetune import FMNIST_ARCHS, FitConfig, accuracy, fmnist_classifier
+from training.finetune import FMNIST_ARCHS, FitConfig, fmnist_classifier
+from training.inference import accuracy
 from training.noise import Noise
 from training.selftrain import PseudoLabelConfig, SelfTrainConfig, noisy_student
 
@@ -264,7 +265,7 @@ def propagation_teacher(x_lab: np.ndarray, y_lab: np.ndarray, k: int, pca: int) 
     """``make_teacher`` for ``noisy_student``: label propagation (Iscen et al. 2019) over the
     labeled + unlabeled images, on each image's unit pixel-PCA vector next to its unit model
     features, seeded by the labels. Pixels see what the model missed and vice versa."""
-    from training.finetune import embed
+    from training.inference import embed
     from training.labelprop import label_propagation
 
     cache: dict[int, np.ndarray] = {}  # id(x_unl) -> unit pixel-PCA rows of [x_lab, x_unl]
