@@ -254,7 +254,7 @@ class DynamicBatcher(Generic[T, R]):
                     for _ in batch:
                         self._queue.popleft()
                     self._running += 1
-                    if self._queue and len(self._workers) > 1:
+                    if self._queue and self.instances > 1:
                         self._cond.notify()  # what is left may be due for an idle worker
                     return batch
                 self._cond.wait(head[0].enqueued_at + delay - now if head else None)

@@ -87,7 +87,7 @@ class OnnxRuntime(Runtime):
             except Exception as e:  # onnxruntime raises its own exception types
                 raise RuntimeError_(f"{model.name}/{tower}: cannot load ONNX tower: {e}") from e
         self._tokenizer: Any = None
-        if model.has_text:
+        if self.has_text:  # a copy of the image tower alone needs no tokenizer
             from server.tokenizer import ClipTokenizer
 
             tok = model.manifest.tokenizer

@@ -90,12 +90,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
-        FixMatchConfig(ops=ops)
-    except ValueError as e:
+        train_seed = args.seed if args.train_seed is None else args.train_seed
+        cfg = FixMatchConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            mu=args.mu,
+            tau=args.tau,
+            lambda_u=args.lambda_u,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            ema=args.ema,
+            dist_align=args.dist_align,
+            flex=args.flex,
+            ema_teacher=args.ema_teacher,
+            ops=ops,
+            magnitude=args.magnitude,
+            cutout=args.cutout,
+            eval_every=args.eval_every,
+            seed=train_seed,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:  # a bad device or setting, before any data is loaded
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    train_seed = args.seed if args.train_seed is None else args.train_seed
     t_cpu, t_wall = time.process_time(), time.perf_counter()
     root = {} if args.root is None else {"root": args.root}
     train = load_fashion_mnist(split="train", **root)
@@ -107,25 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     truth = np.full(len(unl), -1, dtype=np.int64)
     is_val = np.isin(unl, split.val)
     truth[is_val] = y[unl[is_val]]
-    cfg = FixMatchConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        mu=args.mu,
-        tau=args.tau,
-        lambda_u=args.lambda_u,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        ema=args.ema,
-        dist_align=args.dist_align,
-        flex=args.flex,
-        ema_teacher=args.ema_teacher,
-        ops=ops,
-        magnitude=args.magnitude,
-        cutout=args.cutout,
-        eval_every=args.eval_every,
-        seed=train_seed,
-        progress=not args.no_progress,
-    )
     torch.manual_seed(train_seed)
     model = build_model(args)
     val = (x[split.val], y[split.val])
