@@ -64,7 +64,7 @@ RUN = OMNIGLOT / "sample_run" / "run01"
 BACKGROUND_ZIP = OMNIGLOT / "images_background_small1.zip"
 CLASSIFY = "/protoserve.v1.Protoserve/Classify"
 WARMUP_S = 0.5
-CEILING_BATCHES = (1, 8, 32, 64, 128)
+CEILING_BATCHES = (1, 4, 8, 32, 64, 128)
 GOAL_CEILING = 0.85
 GOAL_VISIBLE_MS = 50.0
 

@@ -127,3 +127,30 @@ def test_onnx_runtime_rejects_unavailable_providers(folder: Path) -> None:
 
     with pytest.raises(RuntimeError_, match="not available in this onnxruntime build"):
         OnnxRuntime(load_model(folder), OnnxConfig(providers=("CUDAExecutionProvider",)))
+
+
+class _CountingSession:
+    """Wraps an onnxruntime session and records the rows of every run."""
+
+    def __init__(self, session: object) -> None:
+        self.session, self.rows = session, []  # type: list[int]
+
+    def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.rows.append(next(iter(feed.values())).shape[0])
+        return self.session.run(outputs, feed)  # type: ignore[attr-defined]
+
+
+def test_onnx_runtime_runs_large_batches_in_slices(folder: Path) -> None:
+    weight = image_model_folder(folder.parent, "tiny")
+    pixels = np.random.default_rng(1).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    rt = OnnxRuntime(load_model(folder), OnnxConfig(intra_op_threads=1, run_batch=4))
+    counting = _CountingSession(rt._sessions["image"])
+    rt._sessions["image"] = counting
+    out = rt.encode_images(pixels)
+    assert counting.rows == [4, 4, 2]
+    np.testing.assert_allclose(out, pixels.mean(axis=(2, 3)) @ weight, rtol=1e-5, atol=1e-6)
+    rt.encode_images(pixels[:4])
+    assert counting.rows[3:] == [4]
+    assert OnnxRuntime(load_model(folder)).run_batch == 8  # the CPU provider alone: slices of 8
+    with pytest.raises(ValueError, match="run_batch must be an integer >= 0"):
+        OnnxConfig(run_batch=-1)

@@ -31,6 +31,7 @@ from server.metrics import Metrics
 from server.model_repo import ModelRepository
 from server.pipeline import Pipeline, PipelineOptions
 from server.registry import Registry
+from server.runtimes.onnx_rt import OnnxConfig
 
 __all__ = ["SERVICE_NAME", "ProtoserveServer", "build_server", "serve"]
 
@@ -100,6 +101,7 @@ def build_server(cfg: ServerConfig) -> tuple[ProtoserveServer, int]:
                 max_pixels=cfg.max_pixels,
                 max_classes_per_collection=cfg.max_classes_per_collection,
             ),
+            onnx_config=OnnxConfig(run_batch=cfg.run_batch),
         )
         metrics = Metrics(pipeline)
         options = [

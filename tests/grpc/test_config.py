@@ -60,6 +60,7 @@ def test_flags(tmp_path: Path) -> None:
         ("port = [\n", {}, {}, ["c.toml"]),
         ("", {}, {"max_images_per_request": 0}, ["max_images_per_request"]),
         ("", {}, {"model_instances": -1}, ["model_instances", ">= 0 (0: automatic)"]),
+        ("", {"PROTOSERVE_RUN_BATCH": "-2"}, {}, ["run_batch", ">= 0 (0: automatic)"]),
         ("", {}, {"nope": 1}, ["unknown setting 'nope'"]),
         ("", {"PROTOSERVE_MODEL_REPO": "/no/such"}, {}, ["model_repo", "not a directory"]),
     ],
