@@ -23,6 +23,18 @@ def data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=int, default=d.size, help="image side in pixels")
     g.add_argument("--interpolation", default=d.interpolation)
     g.add_argument(
+        "--crop",
+        default=d.crop,
+        choices=["none", "ink"],
+        help="omniglot: 'ink' cuts the square around each drawing before resizing",
+    )
+    g.add_argument(
+        "--ink-margin",
+        type=float,
+        default=d.ink_margin,
+        help="with --crop ink: margin on each side, as a fraction of the drawing's longer side",
+    )
+    g.add_argument(
         "--val-fraction",
         type=float,
         default=d.val_fraction,
@@ -136,6 +148,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         data_path=list(args.data),
         size=args.size,
         interpolation=args.interpolation,
+        crop=args.crop,
+        ink_margin=args.ink_margin,
         rotations=[0] if args.no_rotations else [0, 1, 2, 3],
         val_fraction=args.val_fraction,
         split=args.split_by,
@@ -176,6 +190,8 @@ def data_config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_path=list(args.data),
         size=args.size,
         interpolation=args.interpolation,
+        crop=args.crop,
+        ink_margin=args.ink_margin,
         val_fraction=args.val_fraction,
         split=args.split_by,
         split_seed=args.split_seed,

@@ -39,6 +39,8 @@ class TrainConfig:
     data_path: list[str] = field(default_factory=list)  # sources / root; empty: the default
     size: int = 28
     interpolation: str = "box"
+    crop: str = "none"  # Omniglot: "ink" cuts the square around the drawing before resizing
+    ink_margin: float = 0.15
     rotations: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     val_fraction: float = 0.2
     split: str = "characters"
@@ -80,6 +82,10 @@ class TrainConfig:
         if self.schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"schedule must be constant, cosine or step, got {self.schedule!r}")
         AugmentConfig(**self.augment_kwargs())  # fail early on a bad field
+        if self.crop not in ("none", "ink"):
+            raise ValueError(f"crop must be none or ink, got {self.crop!r}")
+        if self.crop != "none" and self.dataset != "omniglot":
+            raise ValueError(f"crop {self.crop!r} applies to omniglot, not {self.dataset!r}")
 
     def augment_kwargs(self) -> dict[str, Any]:
         kw = dict(self.augment)
@@ -108,6 +114,8 @@ def load_dataset(cfg: TrainConfig, preprocess: dict[str, Any] | None = None) -> 
             cfg.data_path or None,
             size=cfg.size,
             interpolation=cfg.interpolation,
+            crop=cfg.crop,
+            ink_margin=cfg.ink_margin,
             preprocess=preprocess,
         )
     if cfg.dataset == "fashion-mnist":

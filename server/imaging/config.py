@@ -12,12 +12,12 @@ from typing import Any, Literal
 __all__ = ["PreprocessConfig"]
 
 ResizeMode = Literal["shortest", "longest", "squash"]
-CropMode = Literal["center", "none"]
+CropMode = Literal["center", "none", "ink"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box"]
 Channels = Literal["RGB", "L"]
 
 RESIZE_MODES = ("shortest", "longest", "squash")
-CROP_MODES = ("center", "none")
+CROP_MODES = ("center", "none", "ink")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box")
 CHANNELS = ("RGB", "L")
 MAX_OUTPUT_SIDE = 8192
@@ -42,6 +42,12 @@ class PreprocessConfig:
         ``"squash"`` resizes straight to ``size``, ignoring aspect ratio.
     crop: ``"center"`` crops (or pads) to ``size``; ``"none"`` never crops, so it is only valid
         where the resize cannot overshoot (``"longest"``, which still pads, and ``"squash"``).
+        ``"ink"`` (drawings on a plain page, like Omniglot) first cuts the square around the
+        drawing: the box of every pixel whose luma differs from ``fill`` by 128 or more, its
+        longer side grown by ``ink_margin`` on each side, centred on the box and padded with
+        ``fill`` where it leaves the page; a page with no ink is kept whole. Where and how large
+        a character is drawn then no longer matters. Resizing follows as for ``"none"``.
+    ink_margin: with ``crop="ink"``, the margin as a fraction of the box's longer side.
     interpolation: Pillow resampling filter used for resizing.
     mean, std: per-channel normalisation, one value per output channel.
     channels: ``"RGB"`` (3 channels) or ``"L"`` (1 channel, ITU-R 601-2 luma).
@@ -58,6 +64,7 @@ class PreprocessConfig:
     channels: Channels = "RGB"
     invert: bool = False
     fill: int = 0
+    ink_margin: float = 0.15
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once, here
@@ -78,10 +85,16 @@ class PreprocessConfig:
             raise _error("invert", "must be true or false", self.invert)
         if not _is_int(self.fill) or not 0 <= self.fill <= 255:
             raise _error("fill", "must be an integer in 0..255", self.fill)
-        if self.crop == "none" and self.resize == "shortest":
+        if self.crop in ("none", "ink") and self.resize == "shortest":
             raise _error(
-                "crop", "'none' needs resize 'longest' or 'squash' ('shortest' overshoots)", "none"
+                "crop",
+                f"{self.crop!r} needs resize 'longest' or 'squash' ('shortest' overshoots)",
+                self.crop,
             )
+        margin = self.ink_margin
+        if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or not 0 <= margin <= 4:
+            raise _error("ink_margin", "must be a number in 0..4", margin)
+        set_(self, "ink_margin", float(margin))
 
     @property
     def num_channels(self) -> int:
@@ -106,6 +119,8 @@ class PreprocessConfig:
         out = dataclasses.asdict(self)
         for key in ("size", "mean", "std"):
             out[key] = list(out[key])
+        if self.crop != "ink":  # only the ink crop reads it
+            del out["ink_margin"]
         return out
 
     @classmethod

@@ -22,6 +22,7 @@ so for an open_clip config the result equals open_clip's eval transform. Known d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -113,6 +114,8 @@ class Preprocessor:
             img = img.convert("L")
         # An "L" image for an "RGB" model stays "L" through resizing (per-channel resampling
         # makes that identical to converting first) and is broadcast to 3 channels here.
+        if self.config.crop == "ink":
+            img = ink_square(img, self.config.fill, self.config.ink_margin)
         pixels = np.asarray(self._geometry(img))
         dst[...] = pixels if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
@@ -219,3 +222,24 @@ def _center_crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int) -> I
     if (left, top, w, h) == (0, 0, tw, th):
         return img
     return img.crop((left, top, left + tw, top + th))
+
+
+def ink_square(img: Image.Image, fill: int, margin: float) -> Image.Image:
+    """The square around the drawing on a plain ``fill`` page (``PreprocessConfig.crop="ink"``):
+    the box of the pixels whose luma differs from ``fill`` by 128 or more, its longer side grown
+    by ``margin`` on each side, centred on the box, padded with ``fill``. No ink: ``img``."""
+    luma = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.int16)
+    ink = np.abs(luma - fill) >= 128
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if rows.size == 0:
+        return img
+    top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
+    side = (max(bottom - top, right - left) + 1) * (1 + 2 * margin)
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    # Half-pixel positions round up, never to even: the same drawing moved by any whole number
+    # of pixels gives the same square.
+    x0, y0 = math.floor(cx - side / 2 + 0.5), math.floor(cy - side / 2 + 0.5)
+    s = max(1, math.floor(side + 0.5))
+    out = Image.new(img.mode, (s, s), fill if img.mode == "L" else (fill,) * len(img.mode))
+    out.paste(img, (-x0, -y0))
+    return out

@@ -163,3 +163,24 @@ def test_preprocess_is_a_server_config() -> None:
 
     cfg = PreprocessConfig.from_dict(omniglot_preprocess(32))
     assert cfg.size == (32, 32) and cfg.invert and cfg.channels == "L"
+
+
+def test_omniglot_ink_crop_ignores_where_a_character_is_drawn(tmp_path: Path) -> None:
+    files = {f"s/Alpha/character01/001_0{d}.png": png(glyph(1, (4 * d, -3 * d))) for d in (1, 2)}
+    source = write_zip(tmp_path / "a.zip", files)
+    plain = load_omniglot([source], size=20)
+    inked = load_omniglot([source], size=20, crop="ink", ink_margin=0.1)
+    assert not np.array_equal(plain.images[0], plain.images[1])
+    np.testing.assert_array_equal(inked.images[0], inked.images[1])
+    assert inked.preprocess["crop"] == "ink" and inked.preprocess["ink_margin"] == 0.1
+    assert "ink_margin" not in plain.preprocess
+
+
+def test_crop_setting_is_checked() -> None:
+    from training.config import TrainConfig
+
+    assert TrainConfig(crop="ink").crop == "ink"
+    with pytest.raises(ValueError, match="crop must be none or ink"):
+        TrainConfig(crop="centre")
+    with pytest.raises(ValueError, match="applies to omniglot"):
+        TrainConfig(dataset="fashion-mnist", crop="ink")

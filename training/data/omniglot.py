@@ -51,14 +51,21 @@ def default_sources(root: str | Path | None = None) -> list[Path]:
 
 
 def omniglot_preprocess(
-    size: int | Sequence[int] = 28, interpolation: str = "box", invert: bool = True
+    size: int | Sequence[int] = 28,
+    interpolation: str = "box",
+    invert: bool = True,
+    crop: str = "none",
+    ink_margin: float = 0.15,
 ) -> dict[str, Any]:
-    """The server ``PreprocessConfig`` (dict form) for Omniglot-style ink drawings."""
+    """The server ``PreprocessConfig`` (dict form) for Omniglot-style ink drawings; ``crop="ink"``
+    cuts the square around the drawing first (``ink_margin`` of its side on each side)."""
     hw = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+    extra = {"ink_margin": float(ink_margin)} if crop == "ink" else {}
     return {
         "size": hw,
         "resize": "squash",
-        "crop": "none",
+        "crop": crop,
+        **extra,
         "interpolation": interpolation,
         "mean": [0.0],
         "std": [1.0],
@@ -87,11 +94,13 @@ def load_omniglot(
     size: int | Sequence[int] = 28,
     interpolation: str = "box",
     invert: bool = True,
+    crop: str = "none",
+    ink_margin: float = 0.15,
     preprocess: dict[str, Any] | None = None,
 ) -> ImageSet:
     """Loads and merges Omniglot sources (default: the two small background sets)."""
     paths = [Path(s) for s in sources] if sources else default_sources()
-    pre = preprocess or omniglot_preprocess(size, interpolation, invert)
+    pre = preprocess or omniglot_preprocess(size, interpolation, invert, crop, ink_margin)
     files: dict[tuple[str, str, str], bytes] = {}
     for source in paths:
         for parts, data in _files(source):
