@@ -71,7 +71,7 @@ bench: setup
 
 # The bundled default model (docs/omniglot-model.md): retrains from the two
 # Omniglot background zips only (all 242 characters), exports with test-time
-# view averaging (9 shifts x 3 small turns), and scores sample_run. About 47
+# view averaging (9 shifts x 3 small turns) and the ink crop, and scores sample_run. About 47
 # minutes on 2 cores (a GPU, if torch sees one, trains it in a few minutes).
 # `make model-validate` runs the same recipe with two whole alphabets held out
 # (Greek, Korean) and scores 20-way within-alphabet one-shot episodes on them,
@@ -81,6 +81,9 @@ MODEL_DIR ?= models/omniglot-protonet
 MODEL_EPISODES ?= 6000
 MODEL_SHIFT ?= 3
 MODEL_ROTATE ?= 10
+# Served with the ink crop (the square around each drawing), a test-time choice: the network
+# trains on whole pages (docs/omniglot-model.md, "The ink crop").
+MODEL_CROP ?= --crop ink --ink-margin 0.15
 MODEL_RECIPE = --backbone conv4 --method protonet --distance l2 --size 32 --way 60 --shot 1 \
   --query 5 --lr 1e-3 --schedule cosine --warmup 100 --degrees 10 --translate 0.08 \
   --scale 0.9 1.1 --shear 8 --stroke 0.4 --checkpoint-every 250 --seed 0 --threads 2
@@ -90,7 +93,7 @@ model: setup
 	$(VENV)/bin/protoserve train metatrain --out $(MODEL_RUN) --restart $(MODEL_RECIPE) \
 	  --episodes $(MODEL_EPISODES) --val-fraction 0 --val-every 0
 	$(VENV)/bin/protoserve train export --checkpoint $(MODEL_RUN)/checkpoint.pt --out $(MODEL_DIR) \
-	  --overwrite --shift-average $(MODEL_SHIFT) --rotate-average $(MODEL_ROTATE)
+	  --overwrite --shift-average $(MODEL_SHIFT) --rotate-average $(MODEL_ROTATE) $(MODEL_CROP)
 	$(VENV)/bin/protoserve train eval-runs --model $(MODEL_DIR)
 
 model-validate: setup
@@ -98,10 +101,10 @@ model-validate: setup
 	  --episodes $(MODEL_EPISODES) $(HELD_OUT) --val-every 1000 --val-way 20 \
 	  --val-within-alphabet --val-split-drawers --val-episodes 500
 	$(VENV)/bin/protoserve train export --checkpoint $(MODEL_RUN)-heldout/checkpoint.pt \
-	  --out $(MODEL_RUN)-heldout/plain --overwrite
+	  --out $(MODEL_RUN)-heldout/plain --overwrite $(MODEL_CROP)
 	$(VENV)/bin/protoserve train export --checkpoint $(MODEL_RUN)-heldout/checkpoint.pt \
 	  --out $(MODEL_RUN)-heldout/shifted --overwrite --shift-average $(MODEL_SHIFT) \
-	  --rotate-average $(MODEL_ROTATE)
+	  --rotate-average $(MODEL_ROTATE) $(MODEL_CROP)
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/plain $(HELD_OUT) $(PROXY)
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/shifted $(HELD_OUT) $(PROXY)
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/shifted $(HELD_OUT) \

@@ -146,6 +146,8 @@ def _export(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             shift_average=args.shift_average,
             rotate_average=args.rotate_average,
+            crop=args.crop,
+            ink_margin=args.ink_margin,
         )
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
@@ -247,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="DEGREES",
         help="with --shift-average: also turn each image by -DEGREES, 0, +DEGREES (27 views)",
+    )
+    ex.add_argument(
+        "--crop",
+        choices=["none", "ink"],
+        help="the served crop, if not the training data's ('ink': the square around a drawing)",
+    )
+    ex.add_argument(
+        "--ink-margin",
+        type=float,
+        help="with --crop ink: margin on each side, a fraction of the drawing's side (0.15)",
     )
     ex.add_argument("--threads", type=int, default=1)
     ex.set_defaults(func=_export)

@@ -23,16 +23,20 @@ def export_checkpoint(
     overwrite: bool = False,
     shift_average: int = 0,
     rotate_average: float = 0.0,
+    crop: str | None = None,
+    ink_margin: float | None = None,
 ) -> Any:
     """``shift_average`` > 0 exports the backbone wrapped in ``ShiftAverage`` with that radius
     (the tower averages 9 shifted views of each image); ``rotate_average`` > 0 (degrees) also
-    turns each image by -D, 0 and +D before shifting it (27 views)."""
+    turns each image by -D, 0 and +D before shifting it (27 views). ``crop`` (``"none"`` or
+    ``"ink"``, with ``ink_margin``) replaces the training data's crop in the served
+    preprocessing: a test-time choice (default: as trained)."""
     from training.backbones.shift_average import ShiftAverage
     from training.export import ExportError, export_image_backbone
 
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(state["config"])
-    pre = state["preprocess"]
+    pre = served_preprocess(state["preprocess"], crop, ink_margin)
     in_channels = 1 if pre.get("channels") == "L" else 3
     method = build_method(cfg, in_channels, (int(pre["size"][0]), int(pre["size"][1])))
     method.load_state_dict(state["model"])
@@ -40,6 +44,8 @@ def export_checkpoint(
     scale = 1.0 if method.metric == "l2" else float(method.log_scale.exp())
     recipe = state.get("command") or json.dumps(cfg.to_dict(), sort_keys=True)
     module, arch = method.backbone, f"{cfg.backbone} ({cfg.method}, {cfg.distance})"
+    if pre.get("crop") != state["preprocess"].get("crop"):
+        arch += f", served with crop {pre['crop']!r} (trained with {state['preprocess']['crop']!r})"
     if rotate_average and not shift_average:
         raise ExportError("rotate_average needs shift_average (the rotations are shifted too)")
     if shift_average:
@@ -64,3 +70,25 @@ def export_checkpoint(
         checkpoint=str(Path(checkpoint).name),
         overwrite=overwrite,
     )
+
+
+def served_preprocess(
+    trained: dict[str, Any], crop: str | None, ink_margin: float | None
+) -> dict[str, Any]:
+    """The training data's preprocessing with the crop replaced where asked (validated)."""
+    from server.imaging import PreprocessConfig
+    from training.export import ExportError
+
+    if crop is None and ink_margin is None:
+        return trained
+    pre = dict(trained)
+    pre["crop"] = crop or pre.get("crop", "none")
+    pre.pop("ink_margin", None)
+    if pre["crop"] == "ink":
+        pre["ink_margin"] = 0.15 if ink_margin is None else ink_margin
+    elif ink_margin is not None:
+        raise ExportError("ink_margin applies only with crop 'ink'")
+    try:
+        return PreprocessConfig.from_dict(pre).to_dict()
+    except ValueError as e:
+        raise ExportError(str(e)) from None

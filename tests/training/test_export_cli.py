@@ -65,6 +65,17 @@ def test_export_round_trip(tmp_path: Path, glyphs: ImageSet) -> None:
         ours = method.embed(ds.normalise(ds.batch(np.arange(6), np.zeros(6, int)))).numpy()
     np.testing.assert_allclose(served, ours, rtol=1e-4, atol=1e-5)
 
+    # The served crop may differ from training's (a test-time choice), checked like a manifest.
+    from training.export import ExportError
+
+    inked = export_checkpoint(tmp_path / "run" / CHECKPOINT, tmp_path / "ink", crop="ink")
+    assert inked.manifest.preprocess == {**glyphs.preprocess, "crop": "ink", "ink_margin": 0.15}
+    assert "served with crop 'ink'" in inked.manifest.provenance.architecture
+    with pytest.raises(ExportError, match="only with crop 'ink'"):
+        export_checkpoint(tmp_path / "run" / CHECKPOINT, tmp_path / "x", ink_margin=0.2)
+    with pytest.raises(ExportError, match="ink_margin"):
+        export_checkpoint(tmp_path / "run" / CHECKPOINT, tmp_path / "x", crop="ink", ink_margin=-1)
+
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
