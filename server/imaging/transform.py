@@ -228,8 +228,8 @@ def ink_square(img: Image.Image, fill: int, margin: float) -> Image.Image:
     """The square around the drawing on a plain ``fill`` page (``PreprocessConfig.crop="ink"``):
     the box of the pixels whose luma differs from ``fill`` by 128 or more, its longer side grown
     by ``margin`` on each side, centred on the box, padded with ``fill``. No ink: ``img``."""
-    luma = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.int16)
-    ink = np.abs(luma - fill) >= 128
+    luma = np.asarray(img if img.mode == "L" else img.convert("L"))
+    ink = luma <= fill - 128 if fill >= 128 else luma >= fill + 128  # |luma - fill| >= 128
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     if rows.size == 0:
         return img
