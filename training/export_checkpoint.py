@@ -82,13 +82,13 @@ def served_preprocess(
     if crop is None and ink_margin is None:
         return trained
     pre = dict(trained)
-    pre["crop"] = crop or pre.get("crop", "none")
-    pre.pop("ink_margin", None)
-    if pre["crop"] == "ink":
-        pre["ink_margin"] = 0.15 if ink_margin is None else ink_margin
-    elif ink_margin is not None:
-        raise ExportError("ink_margin applies only with crop 'ink'")
-    try:
+    if crop is not None:
+        pre["crop"] = crop
+    if ink_margin is not None:
+        if pre.get("crop") != "ink":
+            raise ExportError("ink_margin applies only with crop 'ink'")
+        pre["ink_margin"] = ink_margin
+    try:  # validated; the manifest form drops a margin that no longer applies
         return PreprocessConfig.from_dict(pre).to_dict()
     except ValueError as e:
         raise ExportError(str(e)) from None

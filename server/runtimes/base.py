@@ -9,7 +9,7 @@ Text goes through the model's own tokenizer inside the runtime.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -78,3 +78,11 @@ def check_output(out: np.ndarray, n: int, dim: int, what: str) -> Embeddings:
     if arr.shape != (n, dim):
         raise RuntimeError_(f"{what} returned shape {arr.shape}, expected ({n}, {dim})")
     return arr
+
+
+def in_slices(run: Callable[[np.ndarray], Embeddings], batch: np.ndarray, step: int) -> Embeddings:
+    """``run`` over ``batch`` in slices of at most ``step`` rows (``step`` 0: whole), the
+    outputs concatenated in order."""
+    if step <= 0 or len(batch) <= step:
+        return run(batch)
+    return np.concatenate([run(batch[i : i + step]) for i in range(0, len(batch), step)])

@@ -28,6 +28,7 @@ from server.runtimes.base import (
     UnsupportedTower,
     check_output,
     check_pixels,
+    in_slices,
 )
 
 PREFERRED_PROVIDERS = (
@@ -118,12 +119,7 @@ class OnnxRuntime(Runtime):
 
     def _run(self, tower: str, feed: np.ndarray) -> Embeddings:
         """``feed`` through ``tower``, in slices of at most ``run_batch`` rows."""
-        n, step = feed.shape[0], self.run_batch or feed.shape[0]
-        if n <= step:
-            return self._run_once(tower, feed)
-        return np.concatenate(
-            [self._run_once(tower, feed[i : i + step]) for i in range(0, n, step)]
-        )
+        return in_slices(lambda rows: self._run_once(tower, rows), feed, self.run_batch)
 
     def _run_once(self, tower: str, feed: np.ndarray) -> Embeddings:
         spec = self.model.manifest.towers[tower]

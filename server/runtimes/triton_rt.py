@@ -38,6 +38,7 @@ from server.runtimes.base import (
     UnsupportedTower,
     check_output,
     check_pixels,
+    in_slices,
 )
 
 Tokenizer = Callable[[list[str]], np.ndarray]
@@ -188,12 +189,8 @@ class TritonRuntime(Runtime):
         return "text" in self._towers
 
     def _infer(self, tower: str, batch: np.ndarray) -> Embeddings:
-        t = self._towers[tower]
-        step = t.max_batch_size if t.max_batch_size > 0 else max(len(batch), 1)
-        parts = [
-            self._infer_once(t, tower, batch[i : i + step]) for i in range(0, len(batch), step)
-        ]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        t = self._towers[tower]  # max_batch_size 0: the whole batch in one request
+        return in_slices(lambda rows: self._infer_once(t, tower, rows), batch, t.max_batch_size)
 
     def _infer_once(self, t: _Tower, tower: str, chunk: np.ndarray) -> Embeddings:
         what = f"{self.model.name}/{tower} on Triton at {self.url} (model {t.name!r})"

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from server.imaging import PreprocessConfig
 from training.data.imageset import DEFAULT_DATA_ENV, ImageSet
 from training.data.pixels import pixels_from_bytes
 
@@ -59,20 +60,19 @@ def omniglot_preprocess(
 ) -> dict[str, Any]:
     """The server ``PreprocessConfig`` (dict form) for Omniglot-style ink drawings; ``crop="ink"``
     cuts the square around the drawing first (``ink_margin`` of its side on each side)."""
-    hw = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
-    extra = {"ink_margin": float(ink_margin)} if crop == "ink" else {}
-    return {
-        "size": hw,
-        "resize": "squash",
-        "crop": crop,
-        **extra,
-        "interpolation": interpolation,
-        "mean": [0.0],
-        "std": [1.0],
-        "channels": "L",
-        "invert": invert,
-        "fill": 255,
-    }
+    hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+    return PreprocessConfig(  # validated; its manifest form names ink_margin only for "ink"
+        size=hw,
+        resize="squash",
+        crop=crop,
+        ink_margin=ink_margin,
+        interpolation=interpolation,
+        mean=(0.0,),
+        std=(1.0,),
+        channels="L",
+        invert=invert,
+        fill=255,
+    ).to_dict()
 
 
 def _files(source: Path) -> Iterator[tuple[tuple[str, ...], bytes]]:
