@@ -54,6 +54,11 @@ def metatrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/metatrain", help="run folder (checkpoint, log, curve)")
     data_args(p)
     p.add_argument("--no-rotations", action="store_true", help="no 90-degree rotated classes")
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="mirrored characters (and their turns) as extra classes too: 8 per character",
+    )
     g = p.add_argument_group("model")
     g.add_argument(
         "--backbone",
@@ -150,7 +155,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         interpolation=args.interpolation,
         crop=args.crop,
         ink_margin=args.ink_margin,
-        rotations=[0] if args.no_rotations else [0, 1, 2, 3],
+        rotations=_view_codes(args.no_rotations, args.mirror),
         val_fraction=args.val_fraction,
         split=args.split_by,
         split_seed=args.split_seed,
@@ -196,3 +201,9 @@ def data_config_from_args(args: argparse.Namespace) -> TrainConfig:
         split=args.split_by,
         split_seed=args.split_seed,
     )
+
+
+def _view_codes(no_rotations: bool, mirror: bool) -> list[int]:
+    """``ImageSet`` view codes: quarter turns 0..3, and 4..7 (the same, mirrored first)."""
+    turns = [0] if no_rotations else [0, 1, 2, 3]
+    return turns + [t + 4 for t in turns] if mirror else turns

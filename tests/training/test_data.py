@@ -104,6 +104,26 @@ def test_rotations_are_extra_classes(glyphs: ImageSet) -> None:
     np.testing.assert_array_equal(turned, np.rot90(1 - glyphs.images[i, 0] / np.float32(255), 3))
 
 
+def test_mirrored_views_are_extra_classes(glyphs: ImageSet) -> None:
+    from training.cli_args import _view_codes
+
+    codes = _view_codes(no_rotations=False, mirror=True)
+    assert codes == [0, 1, 2, 3, 4, 5, 6, 7] and _view_codes(True, True) == [0, 4]
+    eight = glyphs.with_rotations(codes)
+    assert eight.num_classes == 8 * len(glyphs.classes)
+    cls = 8 * 2 + 5  # base class 2, mirrored then one quarter turn
+    assert eight.base_class(cls) == 2 and eight.rotation(cls) == 5
+    assert eight.superclass_of(cls) == f"{glyphs.superclasses[2]}/mir1"
+    assert eight.class_name(8 * 2 + 1) == f"{glyphs.classes[2]}/rot1"
+    i = int(eight.indices_of(cls)[0])
+    page = 1 - glyphs.images[i, 0] / np.float32(255)
+    got = eight.batch([i, i], [4, 5])[:, 0].numpy()
+    np.testing.assert_array_equal(got[0], page[:, ::-1])
+    np.testing.assert_array_equal(got[1], np.rot90(page[:, ::-1], 1))
+    with pytest.raises(ValueError, match="codes 0..7"):
+        glyphs.with_rotations([0, 8])
+
+
 def test_split_is_seeded_disjoint_and_per_alphabet(omniglot: ImageSet) -> None:
     train, val = split_classes(omniglot, 0.2, seed=0)
     again, val2 = split_classes(omniglot, 0.2, seed=0)

@@ -9,6 +9,9 @@ the model for the same file.
 Quarter-turn rotations make extra classes (Vinyals et al. 2016): with ``rotations=(0, 1, 2, 3)``
 class ``v`` is base class ``v // 4`` turned ``v % 4`` times 90 degrees counter-clockwise, and
 its superclass is ``"<superclass>/rot<r>"`` (a rotated alphabet is a new alphabet).
+Codes 4..7 mirror the image left-right first, then turn it ``code - 4`` quarter turns: the
+eight codes are the symmetries of the square, and a mirrored alphabet (``"<superclass>/mir<r>"``)
+is a new alphabet too (a mirrored character is in general another character, as b and d).
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from typing import Any
 import numpy as np
 
 DEFAULT_DATA_ENV = "PROTOSERVE_DATA"
+MIRRORED = 4  # view codes from here on are mirrored first
+
+
+def _view_name(code: int) -> str:
+    return f"rot{code}" if code < MIRRORED else f"mir{code - MIRRORED}"
 
 
 @dataclass
@@ -46,10 +54,13 @@ class ImageSet:
             raise ValueError("one superclass per class is needed")
         if self.labels.size and not 0 <= self.labels.min() <= self.labels.max() < len(self.classes):
             raise ValueError("labels must index classes")
-        if not set(self.rotations) <= {0, 1, 2, 3} or len(set(self.rotations)) != len(
+        if not set(self.rotations) <= set(range(8)) or len(set(self.rotations)) != len(
             self.rotations
         ):
-            raise ValueError(f"rotations must be distinct quarter turns 0..3, got {self.rotations}")
+            raise ValueError(
+                "rotations must be distinct codes 0..7 (quarter turns, 4..7 mirrored first), "
+                f"got {self.rotations}"
+            )
         order = np.argsort(self.labels, kind="stable")
         bounds = np.searchsorted(self.labels[order], np.arange(len(self.classes) + 1))
         self._by_class = [order[bounds[c] : bounds[c + 1]] for c in range(len(self.classes))]
@@ -71,18 +82,19 @@ class ImageSet:
 
     def superclass_of(self, cls: int) -> str:
         sup = self.superclasses[self.base_class(cls)]
-        return sup if self.rotations == (0,) else f"{sup}/rot{self.rotation(cls)}"
+        return sup if self.rotations == (0,) else f"{sup}/{_view_name(self.rotation(cls))}"
 
     def class_name(self, cls: int) -> str:
         name = self.classes[self.base_class(cls)]
-        return name if self.rotations == (0,) else f"{name}/rot{self.rotation(cls)}"
+        return name if self.rotations == (0,) else f"{name}/{_view_name(self.rotation(cls))}"
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     # -- pixels -------------------------------------------------------------------------
     def batch(self, indices: Sequence[int] | np.ndarray, turns: Sequence[int] | np.ndarray) -> Any:
-        """Float32 tensor [B, C, H, W] in [0, 1]; image ``i`` turned ``turns[i]`` quarter turns."""
+        """Float32 tensor [B, C, H, W] in [0, 1]; image ``i`` under code ``turns[i]``: that many
+        quarter turns, or for 4..7 mirrored left-right, then ``turns[i] - 4`` quarter turns."""
         import torch
 
         idx = np.asarray(indices, dtype=np.int64)
@@ -97,7 +109,8 @@ class ImageSet:
         for r in np.unique(rot):
             if r:
                 sel = torch.from_numpy(np.flatnonzero(rot == r))
-                x[sel] = torch.rot90(x[sel], int(r), dims=(2, 3))
+                v = torch.flip(x[sel], dims=(3,)) if r >= MIRRORED else x[sel]
+                x[sel] = torch.rot90(v, int(r) % MIRRORED, dims=(2, 3))
         return x
 
     def normalise(self, x: Any) -> Any:
