@@ -45,11 +45,13 @@ def test_backbones_bench() -> None:
 def test_serving_bench() -> None:
     out = run_bench(
         "bench/serving.py",
-        "--seconds", "0.3", "--concurrency", "2", "--batching", "on",
+        "--seconds", "0.3", "--concurrency", "32", "--batching", "on",
         "--ceiling-seconds", "0.5", "--visibility-trials", "1", "--model-instances", "2",
+        "--rounds", "2",
     )  # fmt: skip
     assert "% of ceiling" in out and "Registration visibility" in out
     assert "1 stream(s)" in out and "2 stream(s)" in out
+    assert "Round 2 of 2" in out and "batching on: " in out and "(median of " in out
 
 
 @needs_run
