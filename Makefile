@@ -81,12 +81,13 @@ MODEL_DIR ?= models/omniglot-protonet
 MODEL_EPISODES ?= 6000
 MODEL_SHIFT ?= 3
 MODEL_ROTATE ?= 10
-# Served with the ink crop (the square around each drawing), a test-time choice: the network
-# trains on whole pages (docs/omniglot-model.md, "The ink crop").
+# Trained and served with the ink crop (the square around each drawing), and with mirrored
+# characters as extra classes (docs/omniglot-model.md, "The ink crop" and "Mirrored characters").
 MODEL_CROP ?= --crop ink --ink-margin 0.15
 MODEL_RECIPE = --backbone conv4 --method protonet --distance l2 --size 32 --way 60 --shot 1 \
   --query 5 --lr 1e-3 --schedule cosine --warmup 100 --degrees 10 --translate 0.08 \
-  --scale 0.9 1.1 --shear 8 --stroke 0.4 --checkpoint-every 250 --seed 0 --threads 2
+  --scale 0.9 1.1 --shear 8 --stroke 0.4 --mirror $(MODEL_CROP) --checkpoint-every 250 --seed 0 \
+  --threads 2
 HELD_OUT = --split-by superclasses --val-fraction 0.2
 PROXY = --way 20 --within-alphabet --split-drawers --query 5 --episodes 1000 --seed 1
 model: setup
