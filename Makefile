@@ -81,8 +81,9 @@ MODEL_DIR ?= models/omniglot-protonet
 MODEL_EPISODES ?= 6000
 MODEL_SHIFT ?= 3
 MODEL_ROTATE ?= 10
-# Trained and served with the ink crop (the square around each drawing), and with mirrored
-# characters as extra classes (docs/omniglot-model.md, "The ink crop" and "Mirrored characters").
+# Trained with the ink crop (the square around each drawing), and with mirrored characters as
+# extra classes (docs/omniglot-model.md, "The ink crop" and "Mirrored characters"). The
+# checkpoint carries its crop, and export serves what it trained with.
 MODEL_CROP ?= --crop ink --ink-margin 0.15
 MODEL_RECIPE = --backbone conv4 --method protonet --distance l2 --size 32 --way 60 --shot 1 \
   --query 5 --lr 1e-3 --schedule cosine --warmup 100 --degrees 10 --translate 0.08 \
@@ -94,7 +95,7 @@ model: setup
 	$(VENV)/bin/protoserve train metatrain --out $(MODEL_RUN) --restart $(MODEL_RECIPE) \
 	  --episodes $(MODEL_EPISODES) --val-fraction 0 --val-every 0
 	$(VENV)/bin/protoserve train export --checkpoint $(MODEL_RUN)/checkpoint.pt --out $(MODEL_DIR) \
-	  --overwrite --shift-average $(MODEL_SHIFT) --rotate-average $(MODEL_ROTATE) $(MODEL_CROP)
+	  --overwrite --shift-average $(MODEL_SHIFT) --rotate-average $(MODEL_ROTATE)
 	$(VENV)/bin/protoserve train eval-runs --model $(MODEL_DIR)
 
 model-validate: setup
@@ -102,10 +103,10 @@ model-validate: setup
 	  --episodes $(MODEL_EPISODES) $(HELD_OUT) --val-every 1000 --val-way 20 \
 	  --val-within-alphabet --val-split-drawers --val-episodes 500
 	$(VENV)/bin/protoserve train export --checkpoint $(MODEL_RUN)-heldout/checkpoint.pt \
-	  --out $(MODEL_RUN)-heldout/plain --overwrite $(MODEL_CROP)
+	  --out $(MODEL_RUN)-heldout/plain --overwrite
 	$(VENV)/bin/protoserve train export --checkpoint $(MODEL_RUN)-heldout/checkpoint.pt \
 	  --out $(MODEL_RUN)-heldout/shifted --overwrite --shift-average $(MODEL_SHIFT) \
-	  --rotate-average $(MODEL_ROTATE) $(MODEL_CROP)
+	  --rotate-average $(MODEL_ROTATE)
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/plain $(HELD_OUT) $(PROXY)
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/shifted $(HELD_OUT) $(PROXY)
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/shifted $(HELD_OUT) \
