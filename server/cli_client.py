@@ -151,9 +151,17 @@ def _chunks(items: Sequence[str], n: int) -> Iterator[Sequence[str]]:
 
 def _classify(args: argparse.Namespace, client: ProtoserveClient) -> int:
     offset = 0
-    for chunk in _chunks(args.images, CLASSIFY_CHUNK):
+    # transductive: the images refine the prototypes together, so they go in one request
+    size = len(args.images) if args.transductive else CLASSIFY_CHUNK
+    for chunk in _chunks(args.images, size):
         try:
-            results = client.classify(args.collection, chunk, top_k=args.top_k, method=args.method)
+            results = client.classify(
+                args.collection,
+                chunk,
+                top_k=args.top_k,
+                method=args.method,
+                transductive=args.transductive,
+            )
         except ProtoserveError as e:
             raise _name_image(e, chunk, offset) from None
         for path, r in zip(chunk, results, strict=True):
@@ -231,4 +239,10 @@ def add_client_commands(sub: Any) -> None:
     cls.add_argument("images", nargs="+", metavar="IMAGE")
     cls.add_argument("--top-k", type=int, help="predictions per image (default 5)")
     cls.add_argument("--method", choices=METHODS, help="override the collection's method")
+    cls.add_argument(
+        "--transductive",
+        action="store_true",
+        help="prototype method: all the images, sent in one request, refine the class "
+        "prototypes before they are scored (helps when they are many images of the classes)",
+    )
     cls.set_defaults(func=_run("classify", _classify))

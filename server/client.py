@@ -244,8 +244,8 @@ def read_image(image: ImageInput) -> tuple[bytes, str]:
         raise ProtoserveError("INVALID_ARGUMENT", f"cannot read image {path}: {e}") from e
 
 
-def _options(top_k: int | None, method: str | None) -> Any:
-    return pb.ClassifyOptions(top_k=top_k or 0, method=_method(method))
+def _options(top_k: int | None, method: str | None, transductive: bool = False) -> Any:
+    return pb.ClassifyOptions(top_k=top_k or 0, method=_method(method), transductive=transductive)
 
 
 class ProtoserveClient:
@@ -400,12 +400,14 @@ class ProtoserveClient:
         *,
         top_k: int | None = None,
         method: str | None = None,
+        transductive: bool = False,
     ) -> list[ImageResult]:
-        """One result per image, in order (``top_k`` default: the server's, 5)."""
+        """One result per image, in order (``top_k`` default: the server's, 5).
+        ``transductive``: the images of this request refine the prototypes first."""
         data = [read_image(i)[0] for i in images]
+        options = _options(top_k, method, transductive)
         resp = self._call(
-            "Classify",
-            pb.ClassifyRequest(collection=collection, images=data, options=_options(top_k, method)),
+            "Classify", pb.ClassifyRequest(collection=collection, images=data, options=options)
         )
         return [_image_result(r) for r in resp.results]
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.registry import Collection, FailedPrecondition
+from server.registry import Collection, FailedPrecondition, InvalidInput
 from server.registry.records import Kind, Method
 
 FloatArray = npt.NDArray[np.float32]
@@ -72,11 +72,26 @@ def softmax(x: F64) -> F64:
     return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
 
+def check_transductive(method: Method, transductive: bool) -> None:
+    if transductive and method != "prototype":
+        raise InvalidInput(
+            f"transductive refinement applies to the 'prototype' method, not {method!r}"
+        )
+
+
 def score(
-    coll: Collection, index: Any, method: Method, q: FloatArray, logit_scale: float, knn_k: int
+    coll: Collection,
+    index: Any,
+    method: Method,
+    q: FloatArray,
+    logit_scale: float,
+    knn_k: int,
+    transductive: bool = False,
 ) -> tuple[tuple[str, ...], F64, F64]:
     """(class labels, probabilities [N, C], raw scores [N, C]) of ``method`` for queries ``q``;
-    ``index`` is the collection's ``CollectionIndex``."""
+    ``index`` is the collection's ``CollectionIndex``. ``transductive`` (prototype only)
+    refines the prototypes with ``q`` first (``server.transduction``)."""
+    check_transductive(method, transductive)
     if method == "knn":
         cs = index.knn(q, knn_k)
         if not cs.labels:
@@ -86,7 +101,10 @@ def score(
         votes = cs.scores.astype(np.float64)
         return cs.labels, votes, votes
     kind: Kind = "image" if method == "prototype" else "text"
-    cs = index.class_scores(q, kind)
+    if transductive:
+        cs = index.transductive_class_scores(q, logit_scale)
+    else:
+        cs = index.class_scores(q, kind)
     scores = cs.scores.astype(np.float64)
     if not cs.labels:
         raise FailedPrecondition(

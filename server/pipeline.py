@@ -27,7 +27,14 @@ from server.batching import BatcherStats, DynamicBatcher
 from server.errors import ServingError
 from server.imaging import ImageDecodeError, Preprocessor
 from server.imaging.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from server.methods import Distribution, ImageResult, Prediction, check_hybrid_metric, score
+from server.methods import (
+    Distribution,
+    ImageResult,
+    Prediction,
+    check_hybrid_metric,
+    check_transductive,
+    score,
+)
 from server.model_repo import ModelFolder, ModelRepository
 from server.prompts import PromptError, class_embedding
 from server.registry import (
@@ -401,13 +408,16 @@ class Pipeline:
         method: Method | None = None,
         *,
         pixels: FloatArray | None = None,
+        transductive: bool = False,
     ) -> list[ImageResult]:
-        """Top-k per image; ``pixels`` (already preprocessed [N, C, H, W]) replaces ``images``."""
+        """Top-k per image; ``pixels`` (already preprocessed [N, C, H, W]) replaces ``images``.
+        ``transductive``: the request's images refine the prototypes first
+        (``server.transduction``; prototype method only)."""
         self.registry.collection(collection)  # NOT_FOUND before anything else
         k = top_k or self.options.default_top_k
         if k < 1:
             raise InvalidInput(f"top_k must be positive, got {top_k}")
-        d = self.distribution(collection, images, method, pixels=pixels)
+        d = self.distribution(collection, images, method, pixels=pixels, transductive=transductive)
         return [d.result(i, k) for i in range(d.size)]
 
     def distribution(
@@ -417,6 +427,7 @@ class Pipeline:
         method: Method | None = None,
         *,
         pixels: FloatArray | None = None,
+        transductive: bool = False,
     ) -> Distribution:
         """Every class's probability per image, with the embeddings it was computed from."""
         coll = self.registry.collection(collection)
@@ -424,13 +435,14 @@ class Pipeline:
         chosen: Method = method or coll.method
         self._check_method(m, chosen)
         check_hybrid_metric(chosen, coll.metric)
+        check_transductive(chosen, transductive)  # before any image is embedded
         queries = self.embed_images(m, images) if pixels is None else self.embed_pixels(m, pixels)
         if not len(queries):
             empty = np.zeros((0, 0), np.float64)
             return Distribution(coll, (), empty, empty, queries)
         index = self.registry.index(coll.name)
         labels, probs, scores = score(
-            coll, index, chosen, queries, m.logit_scale, self.options.knn_k
+            coll, index, chosen, queries, m.logit_scale, self.options.knn_k, transductive
         )
         return Distribution(coll, labels, probs, scores, queries)
 

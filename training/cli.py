@@ -72,9 +72,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         **sampler,
     }
+    if args.transductive and args.model is None:
+        print("evaluate: --transductive scores an exported --model", file=sys.stderr)
+        return 2
     ds, method, encode, metric = _eval_target(args)
     if encode is not None:
-        res = ev.evaluate_embeddings(ev.embed_all(ds, encode), ds, metric, **kw)
+        scale = None
+        if args.transductive:
+            from server.model_repo import load_model
+
+            scale = load_model(args.model).manifest.scoring.logit_scale
+        emb = ev.embed_all(ds, encode)
+        res = ev.evaluate_embeddings(emb, ds, metric, transductive=scale, **kw)
     else:
         res = ev.evaluate_method(method, ds, progress=not args.no_progress, **kw)
     print(f"{args.split} split, {len(ds.classes)} classes: {res}")
@@ -126,7 +135,7 @@ def _eval_runs(args: argparse.Namespace) -> int:
         from training.data.omniglot import data_root
 
         runs = data_root() / "omniglot" / "sample_run"
-    results = eval_runs(args.model, runs, threads=args.threads)
+    results = eval_runs(args.model, runs, threads=args.threads, transductive=args.transductive)
     print(report(results))
     if args.json:
         print(json.dumps({r.name: r.error for r in results}))
@@ -217,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=12345)
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--json", action="store_true", help="also print the result as JSON")
+    ev.add_argument(
+        "--transductive",
+        action="store_true",
+        help="with --model: refine the prototypes with each episode's queries first, as the "
+        "server's Classify option 'transductive' does",
+    )
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_evaluate)
 
@@ -229,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     er.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     er.add_argument("--json", action="store_true", help="also print {run: error%%} as JSON")
+    er.add_argument(
+        "--transductive",
+        action="store_true",
+        help="refine the prototypes with each run's 20 test images first, as the server's "
+        "Classify option 'transductive' does (server/transduction.py)",
+    )
     er.set_defaults(func=_eval_runs)
 
     ex = sub.add_parser("export", help="a checkpoint's backbone -> a servable model folder")

@@ -118,15 +118,28 @@ def embed_all(ds: ImageSet, encode: Callable[[Any], np.ndarray], batch: int = 25
     return np.stack(out).astype(np.float32)
 
 
-def score_episode(emb: np.ndarray, ds: ImageSet, ep: Episode, metric: str) -> float:
-    """Accuracy of nearest-prototype classification of one episode, as the server scores."""
+def score_episode(
+    emb: np.ndarray, ds: ImageSet, ep: Episode, metric: str, transductive: float | None = None
+) -> float:
+    """Accuracy of nearest-prototype classification of one episode, as the server scores;
+    ``transductive`` (the logit scale) refines the prototypes with the episode's queries first,
+    as the server's ``transductive`` option does with a request's images."""
     from server import kernels
 
     turn = {r: j for j, r in enumerate(ds.rotations)}
     s = emb[[turn[int(t)] for t in ep.support_turns], ep.support]
     q = emb[[turn[int(t)] for t in ep.query_turns], ep.query]
     n_way = len(ep.classes)
-    protos = np.stack([s[ep.support_labels == c].mean(0) for c in range(n_way)])
+    if transductive is not None:
+        from server.transduction import refine
+
+        if metric == "cosine":
+            s, q = _unit(s), _unit(q)
+        sums = np.stack([s[ep.support_labels == c].sum(0) for c in range(n_way)])
+        counts = np.bincount(ep.support_labels, minlength=n_way)
+        protos = refine(sums, counts, q, metric, transductive)  # type: ignore[arg-type]
+    else:
+        protos = np.stack([s[ep.support_labels == c].mean(0) for c in range(n_way)])
     _, idx = kernels.topk(q, protos, 1, metric=metric)  # type: ignore[arg-type]
     return float((idx[:, 0] == ep.query_labels).mean())
 
@@ -140,14 +153,20 @@ def evaluate_embeddings(
     q_query: int = 15,
     episodes: int = DEFAULT_EPISODES,
     seed: int = EVAL_SEED,
+    transductive: float | None = None,
     **sampler: Any,
 ) -> EvalResult:
-    """Nearest-prototype accuracy from precomputed ``embed_all`` embeddings."""
+    """Nearest-prototype accuracy from precomputed ``embed_all`` embeddings (``transductive``:
+    see ``score_episode``)."""
     if emb.ndim != 3 or emb.shape[:2] != (len(ds.rotations), len(ds)):
         raise ValueError(f"embeddings must be [{len(ds.rotations)}, {len(ds)}, D], got {emb.shape}")
     smp, steps = _episodes(ds, n_way, k_shot, q_query, episodes, seed, **sampler)
-    accs = [score_episode(emb, ds, smp.episode(i), metric) for i in steps]
+    accs = [score_episode(emb, ds, smp.episode(i), metric, transductive) for i in steps]
     return EvalResult(*mean_ci95(accs), episodes, n_way, k_shot)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def torch_encoder(method: Any) -> Callable[[Any], np.ndarray]:

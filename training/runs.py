@@ -72,7 +72,11 @@ def read_labels(run: Path) -> dict[str, str]:
     return truth
 
 
-def score_run(run: Path, encode: Encoder, metric: str) -> RunResult:
+def score_run(
+    run: Path, encode: Encoder, metric: str, transductive: float | None = None
+) -> RunResult:
+    """``transductive``: the model's logit scale, to refine the 20 one-image prototypes with
+    the run's test images first, as the server's ``transductive`` Classify option does."""
     from server import kernels
 
     truth = read_labels(run)
@@ -80,14 +84,25 @@ def score_run(run: Path, encode: Encoder, metric: str) -> RunResult:
     test_names = sorted(truth)
     train_emb = encode([p.read_bytes() for p in train_files])
     test_emb = encode([(run / "test" / t).read_bytes() for t in test_names])
+    if transductive is not None:
+        from server.transduction import refine
+
+        if metric == "cosine":
+            train_emb, test_emb = _unit(train_emb), _unit(test_emb)
+        ones = np.ones(len(train_emb))
+        train_emb = refine(train_emb, ones, test_emb, metric, transductive)  # type: ignore[arg-type]
     _, idx = kernels.topk(test_emb, train_emb, 1, metric=metric)  # type: ignore[arg-type]
     predictions = {t: train_files[int(i)].name for t, i in zip(test_names, idx[:, 0], strict=True)}
     wrong = sum(predictions[t] != truth[t] for t in test_names)
     return RunResult(run.name, wrong, len(test_names), predictions)
 
 
-def model_encoder(model_dir: str | Path, threads: int = 1) -> tuple[Encoder, str]:
-    """(encode bytes -> embeddings, scoring metric) for an exported model folder."""
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def model_encoder(model_dir: str | Path, threads: int = 1) -> tuple[Encoder, str, float]:
+    """(encode bytes -> embeddings, scoring metric, logit scale) for an exported model folder."""
     from server.imaging import Preprocessor
     from server.model_repo import load_model
     from server.runtimes.onnx_rt import OnnxConfig, OnnxRuntime
@@ -99,12 +114,16 @@ def model_encoder(model_dir: str | Path, threads: int = 1) -> tuple[Encoder, str
     def encode(blobs: list[bytes]) -> np.ndarray:
         return runtime.encode_images(pre.preprocess_bytes(blobs))
 
-    return encode, model.manifest.scoring.metric
+    return encode, model.manifest.scoring.metric, model.manifest.scoring.logit_scale
 
 
-def eval_runs(model_dir: str | Path, runs: str | Path, threads: int = 1) -> list[RunResult]:
-    encode, metric = model_encoder(model_dir, threads)
-    return [score_run(run, encode, metric) for run in find_runs(runs)]
+def eval_runs(
+    model_dir: str | Path, runs: str | Path, threads: int = 1, transductive: bool = False
+) -> list[RunResult]:
+    """Every run's result; ``transductive`` scores as the server's option of that name."""
+    encode, metric, scale = model_encoder(model_dir, threads)
+    refine_with = scale if transductive else None
+    return [score_run(run, encode, metric, refine_with) for run in find_runs(runs)]
 
 
 def report(results: list[RunResult]) -> str:

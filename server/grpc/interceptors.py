@@ -55,16 +55,26 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
+        # gRPC asks for a handler on every call; a method's wrapped handler is built once
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method: str = handler_call_details.method
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         metrics = self.metrics
 
         def recorder() -> Callable[[str], None]:

@@ -184,6 +184,7 @@ class ProtoserveServicer(pb_grpc.ProtoserveServicer):
             list(request.images),
             top_k=request.options.top_k,
             method=_method(request.options.method),
+            transductive=request.options.transductive,
         )
         return pb.ClassifyResponse(results=[_image_result(r) for r in results])
 
@@ -194,6 +195,7 @@ class ProtoserveServicer(pb_grpc.ProtoserveServicer):
                 [item.image],
                 top_k=item.options.top_k,
                 method=_method(item.options.method),
+                transductive=item.options.transductive,
             )
             yield _image_result(r, item.id)
 

@@ -301,6 +301,26 @@ class CollectionIndex:
             ids, labels = self._view(kind)
         return ClassScores(scores, ids, labels)
 
+    def transductive_class_scores(self, queries: Any, logit_scale: float) -> ClassScores:
+        """Image-prototype scores [Q, C] after refining the prototypes with these queries
+        (``server.transduction``: soft k-means weighted by the class probabilities)."""
+        from server.transduction import refine
+
+        q = self._queries(queries)
+        with self._lock.read():
+            if self._dim is None:
+                return _no_classes(q.shape[0])
+            protos = self._protos["image"]
+            ids, labels = self._view("image")
+            sums = np.stack([protos.sums[int(c)] for c in ids]) if len(ids) else None
+            counts = np.array([protos.counts[int(c)] for c in ids], np.float64)
+        if sums is None:
+            return ClassScores(np.zeros((q.shape[0], 0), np.float32), ids, labels)
+        metric: kernels.Metric = "cosine" if self.metric == "cosine" else "l2"
+        unit = _unit_rows(q) if metric == "cosine" else q
+        refined = refine(sums, counts, unit, metric, logit_scale)
+        return ClassScores(kernels.scores(q, refined, metric=metric), ids, labels)
+
     def prototype_topk(self, queries: Any, k: int, kind: Kind = "image") -> TopK:
         """The ``k`` best classes per query by prototype score (``server.kernels.topk``)."""
         self._check_kind(kind)

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.grpc.app import SERVICE_NAME
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
 from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
-from tests.grpc.support import MODEL, RUN, Running, create, run01_error, truth
+from tests.grpc.support import MODEL, ROOT, RUN, Running, create, run01_error, truth
 
 pytestmark = pytest.mark.skipif(not RUN.is_dir(), reason=f"no Omniglot sample run at {RUN}")
 
@@ -76,6 +76,39 @@ def test_register_and_classify_run01_matches_eval_runs(running: Running) -> None
     assert classify_run(stub, method=pb.METHOD_KNN) == run01_error()  # one support per class
     classes = stub.ListClasses(pb.ListClassesRequest(collection="run01")).classes
     assert [c.label for c in classes] == [f"class{i:02d}" for i in range(1, 21)]
+
+
+def test_transductive_classify_matches_eval_runs_and_needs_prototypes(running: Running) -> None:
+    from training.runs import eval_runs
+
+    stub = running.stub
+    create(stub)
+    register_run(stub)
+    tests = sorted((RUN / "test").glob("*.png"))
+    request = pb.ClassifyRequest(
+        collection="run01",
+        images=[t.read_bytes() for t in tests],
+        options=pb.ClassifyOptions(top_k=20, transductive=True),
+    )
+    refined = stub.Classify(request).results
+    (offline,) = eval_runs(ROOT / "models" / MODEL, RUN, transductive=True)
+    got = {t.name: r.predictions[0].label + ".png" for t, r in zip(tests, refined, strict=True)}
+    assert got == offline.predictions  # the server and `eval-runs --transductive` agree
+    plain = stub.Classify(pb.ClassifyRequest(collection="run01", images=request.images)).results
+    assert [r.predictions[0].probability for r in refined] != pytest.approx(
+        [r.predictions[0].probability for r in plain]
+    )  # the other images moved the prototypes
+    request.options.method = pb.METHOD_KNN
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Classify(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "transductive" in e.value.details() and "knn" in e.value.details()
+    one = pb.ClassifyRequest(
+        collection="run01",
+        images=[request.images[0]],
+        options=pb.ClassifyOptions(transductive=True),
+    )
+    assert len(stub.Classify(one).results) == 1  # one image refines with itself alone
 
 
 def test_errors_map_to_status_codes_and_server_keeps_serving(running: Running) -> None:

@@ -13,6 +13,12 @@ of the kept pseudo-labels. The test set scores the val-chosen checkpoint once; w
 prints one line per evaluation and a final table, and writes ``results.json`` (config, seed,
 the evaluation history, the chosen step, val/test accuracy, CPU and wall seconds) and
 ``checkpoint.pt`` (resumes an interrupted run with the same options).
+
+``--simclr-steps N`` first pre-trains the network's backbone with SimCLR
+(``training.selfsup.pretrain_simclr``, Chen et al. 2020) for N steps of ``--simclr-batch``
+unlabeled images, then starts FixMatch / FlexMatch from it (the head starts fresh). The
+pre-trained backbone is saved as ``simclr_backbone.pt`` and reused when the run resumes; its
+CPU time counts in the run's.
 """
 
 from __future__ import annotations
@@ -74,6 +80,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--magnitude", type=float, default=d.magnitude)
     ap.add_argument("--cutout", type=float, default=d.cutout)
+    ap.add_argument(
+        "--simclr-steps", type=int, default=0, help="SimCLR pre-training steps first (0: none)"
+    )
+    ap.add_argument("--simclr-batch", type=int, default=128, help="images per SimCLR step")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--test-curve", action="store_true", help="score test at every evaluation")
     ap.add_argument("--no-progress", action="store_true")
@@ -83,6 +93,45 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace) -> Classifier:
     return fmnist_classifier(10, args.dropout, args.width, arch=args.arch)
+
+
+def simclr_init(
+    model: Classifier, unlabeled: np.ndarray, args: argparse.Namespace, seed: int
+) -> dict[str, Any]:
+    """Pre-trains ``model.backbone`` in place with SimCLR on ``unlabeled`` (or loads the
+    backbone an earlier, interrupted run of the same options saved); returns its record."""
+    from training.selfsup import PretrainConfig, pretrain_simclr
+
+    path = args.out / "simclr_backbone.pt"
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.backbone.load_state_dict(state["backbone"])
+        print(f"SimCLR backbone loaded from {path}", flush=True)
+        return dict(state["record"])
+    cfg = PretrainConfig(
+        steps=args.simclr_steps,
+        batch_size=args.simclr_batch,
+        warmup=max(1, args.simclr_steps // 20),
+        seed=seed,
+        progress=not args.no_progress,
+    )
+    pre = pretrain_simclr(model.backbone, unlabeled, cfg)
+    last = pre.history[-1]
+    record = {
+        "config": cfg.to_dict(),
+        "final_loss": last["loss"],
+        "final_contrastive_acc": last["acc"],
+        "cpu_seconds": pre.cpu_seconds,
+        "wall_seconds": pre.wall_seconds,
+    }
+    print(
+        f"SimCLR: {cfg.steps} steps x {cfg.batch_size} images, loss {last['loss']:.3f}, "
+        f"contrastive acc {last['acc']:.3f}, {pre.cpu_seconds:.0f} CPU s",
+        flush=True,
+    )
+    torch.save({"backbone": model.backbone.state_dict(), "record": record}, path)
+    model.backbone.train()
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     truth[is_val] = y[unl[is_val]]
     torch.manual_seed(train_seed)
     model = build_model(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    simclr = simclr_init(model, x[unl], args, train_seed) if args.simclr_steps > 0 else None
     val = (x[split.val], y[split.val])
     xt, yt = test.images, np.asarray(test.labels)
 
@@ -136,7 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_progress:
             print(describe(row), flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     res = fixmatch(
         model,
         x[split.labeled],
@@ -174,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "val": len(split.val),
             "test": len(yt),
         },
+        "simclr": simclr,
         "history": res.history,
         "best_step": res.best_step,
         "val_acc": res.best_val_acc,

@@ -189,12 +189,14 @@ class ListClassesResponse(_message.Message):
     def __init__(self, classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ...) -> None: ...
 
 class ClassifyOptions(_message.Message):
-    __slots__ = ("top_k", "method")
+    __slots__ = ("top_k", "method", "transductive")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    TRANSDUCTIVE_FIELD_NUMBER: _ClassVar[int]
     top_k: int
     method: Method
-    def __init__(self, top_k: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ...) -> None: ...
+    transductive: bool
+    def __init__(self, top_k: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., transductive: _Optional[bool] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "score", "probability")
