@@ -123,3 +123,24 @@ def test_bad_configs(kw: dict[str, float]) -> None:
 def test_bad_images() -> None:
     with pytest.raises(ValueError, match="uint8"):
         pretrain_rotation(SmallVGG(1, 4), np.zeros((4, 1, 8, 8), np.float32), PretrainConfig())
+
+
+def test_fixmatch_experiment_starts_from_simclr_and_resumes_it(tmp_path) -> None:
+    from training.experiments.fmnist_fixmatch import build_model, parse, simclr_init
+
+    args = parse(["--out", str(tmp_path), "--simclr-steps", "3", "--simclr-batch", "8"])
+    args.no_progress = True
+    torch.manual_seed(0)
+    model = build_model(args)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    images = np.random.default_rng(0).integers(0, 256, (16, 1, 28, 28)).astype(np.uint8)
+    record = simclr_init(model, images, args, seed=0)
+    assert record["config"]["steps"] == 3 and record["cpu_seconds"] > 0
+    after = model.backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    assert (tmp_path / "simclr_backbone.pt").is_file()
+    torch.manual_seed(1)
+    again = build_model(args)
+    assert simclr_init(again, images, args, seed=0) == record  # loaded, not retrained
+    for k, v in again.backbone.state_dict().items():
+        assert torch.equal(v, after[k])
