@@ -109,6 +109,8 @@ model-validate: setup
 	  --rotate-average $(MODEL_ROTATE)
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/plain $(HELD_OUT) $(PROXY)
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/shifted $(HELD_OUT) $(PROXY)
+	for T in "" --transductive; do $(VENV)/bin/protoserve train evaluate \
+	  --model $(MODEL_RUN)-heldout/shifted $(HELD_OUT) $(PROXY) --query 1 $$T || exit 1; done
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/shifted $(HELD_OUT) \
 	  --way 5 --episodes 1000 --seed 1
 	$(VENV)/bin/protoserve train evaluate --model $(MODEL_RUN)-heldout/shifted $(HELD_OUT) \
