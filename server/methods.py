@@ -89,9 +89,9 @@ def score(
     transductive: bool = False,
 ) -> tuple[tuple[str, ...], F64, F64]:
     """(class labels, probabilities [N, C], raw scores [N, C]) of ``method`` for queries ``q``;
-    ``index`` is the collection's ``CollectionIndex``. ``transductive`` (prototype only)
-    refines the prototypes with ``q`` first (``server.transduction``)."""
-    check_transductive(method, transductive)
+    ``index`` is the collection's ``CollectionIndex``. ``transductive`` (prototype only, checked
+    by the caller with ``check_transductive`` before embedding) refines the prototypes with
+    ``q`` first (``server.transduction``)."""
     if method == "knn":
         cs = index.knn(q, knn_k)
         if not cs.labels:

@@ -12,8 +12,9 @@ It helps when a request holds several images of the registered classes (a batch 
 from every class. A result then depends on the other images of its request, so it is opt-in
 (``ClassifyOptions.transductive``). docs/omniglot-model.md has the measurement.
 
-Used by the server (``server.pipeline``) and by ``protoserve train eval-runs --transductive``,
-so both score the same way.
+Used by the server (``CollectionIndex.transductive_class_scores``, from its running support
+sums) and, through ``refine_supports``, by ``protoserve train evaluate / eval-runs
+--transductive``, so they all score the same way.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 import numpy.typing as npt
 
 from server import kernels
+from server.methods import softmax
 
-__all__ = ["ROUNDS", "refine"]
+__all__ = ["ROUNDS", "refine", "refine_supports"]
 
 ROUNDS = 2  # measured: 2 rounds beat 1 on both held-out splits; more were not tried
 F64 = npt.NDArray[np.float64]
@@ -40,8 +42,9 @@ def refine(
     rounds: int = ROUNDS,
 ) -> npt.NDArray[np.float32]:
     """Refined prototypes [C, D] (float32) from the classes' support ``sums`` [C, D] and
-    ``counts`` [C] and the request's ``queries`` [Q, D] (normalised already for cosine, as the
-    supports were). For cosine the refined rows are normalised again."""
+    ``counts`` [C] and the request's ``queries`` [Q, D]. For cosine the sums are of unit
+    supports (as ``server.registry`` keeps them), the queries are normalised here, and the
+    refined rows are normalised again."""
     s = np.asarray(sums, np.float64)
     n = np.asarray(counts, np.float64)
     q = np.asarray(queries, np.float64)
@@ -55,12 +58,10 @@ def refine(
         raise ValueError("every class needs at least one support")
 
     def finish(p: F64) -> npt.NDArray[np.float32]:
-        if metric == "cosine":
-            p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
-        return p.astype(np.float32)
+        return (_unit(p) if metric == "cosine" else p).astype(np.float32)
 
-    from server.methods import softmax
-
+    if metric == "cosine":
+        q = _unit(q)
     protos = finish(s / n[:, None])
     if q.shape[0] == 0 or s.shape[0] == 0:
         return protos
@@ -69,3 +70,27 @@ def refine(
         w = softmax(logit_scale * kernels.scores(q32, protos, metric=metric).astype(np.float64))
         protos = finish((s + w.T @ q) / (n + w.sum(axis=0))[:, None])
     return protos
+
+
+def refine_supports(
+    supports: Any,
+    labels: Any,
+    n_classes: int,
+    queries: Any,
+    metric: kernels.Metric,
+    logit_scale: float,
+) -> npt.NDArray[np.float32]:
+    """``refine`` from individual ``supports`` [S, D] with class ``labels`` [S] in
+    0..n_classes-1 (normalised first for cosine, as the server stores them)."""
+    x = np.asarray(supports, np.float64)
+    y = np.asarray(labels, np.int64)
+    if metric == "cosine":
+        x = _unit(x)
+    sums = np.zeros((n_classes, x.shape[1]), np.float64)
+    np.add.at(sums, y, x)
+    return refine(sums, np.bincount(y, minlength=n_classes), queries, metric, logit_scale)
+
+
+def _unit(x: F64) -> F64:
+    out: F64 = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return out

@@ -131,13 +131,9 @@ def score_episode(
     q = emb[[turn[int(t)] for t in ep.query_turns], ep.query]
     n_way = len(ep.classes)
     if transductive is not None:
-        from server.transduction import refine
+        from server.transduction import refine_supports
 
-        if metric == "cosine":
-            s, q = _unit(s), _unit(q)
-        sums = np.stack([s[ep.support_labels == c].sum(0) for c in range(n_way)])
-        counts = np.bincount(ep.support_labels, minlength=n_way)
-        protos = refine(sums, counts, q, metric, transductive)  # type: ignore[arg-type]
+        protos = refine_supports(s, ep.support_labels, n_way, q, metric, transductive)  # type: ignore[arg-type]
     else:
         protos = np.stack([s[ep.support_labels == c].mean(0) for c in range(n_way)])
     _, idx = kernels.topk(q, protos, 1, metric=metric)  # type: ignore[arg-type]
@@ -163,10 +159,6 @@ def evaluate_embeddings(
     smp, steps = _episodes(ds, n_way, k_shot, q_query, episodes, seed, **sampler)
     accs = [score_episode(emb, ds, smp.episode(i), metric, transductive) for i in steps]
     return EvalResult(*mean_ci95(accs), episodes, n_way, k_shot)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def torch_encoder(method: Any) -> Callable[[Any], np.ndarray]:

@@ -85,20 +85,14 @@ def score_run(
     train_emb = encode([p.read_bytes() for p in train_files])
     test_emb = encode([(run / "test" / t).read_bytes() for t in test_names])
     if transductive is not None:
-        from server.transduction import refine
+        from server.transduction import refine_supports
 
-        if metric == "cosine":
-            train_emb, test_emb = _unit(train_emb), _unit(test_emb)
-        ones = np.ones(len(train_emb))
-        train_emb = refine(train_emb, ones, test_emb, metric, transductive)  # type: ignore[arg-type]
+        n = len(train_emb)
+        train_emb = refine_supports(train_emb, np.arange(n), n, test_emb, metric, transductive)  # type: ignore[arg-type]
     _, idx = kernels.topk(test_emb, train_emb, 1, metric=metric)  # type: ignore[arg-type]
     predictions = {t: train_files[int(i)].name for t, i in zip(test_names, idx[:, 0], strict=True)}
     wrong = sum(predictions[t] != truth[t] for t in test_names)
     return RunResult(run.name, wrong, len(test_names), predictions)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def model_encoder(model_dir: str | Path, threads: int = 1) -> tuple[Encoder, str, float]:

@@ -317,8 +317,7 @@ class CollectionIndex:
         if sums is None:
             return ClassScores(np.zeros((q.shape[0], 0), np.float32), ids, labels)
         metric: kernels.Metric = "cosine" if self.metric == "cosine" else "l2"
-        unit = _unit_rows(q) if metric == "cosine" else q
-        refined = refine(sums, counts, unit, metric, logit_scale)
+        refined = refine(sums, counts, q, metric, logit_scale)
         return ClassScores(kernels.scores(q, refined, metric=metric), ids, labels)
 
     def prototype_topk(self, queries: Any, k: int, kind: Kind = "image") -> TopK:

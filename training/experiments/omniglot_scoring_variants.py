@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from server.transduction import refine
 from training.backbones.shift_average import ShiftAverage
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig, build_data, build_method
@@ -33,13 +34,9 @@ def acc_from(d, ql):
 
 
 def softkm(p, q, iters, temp=1.0):
-    p0 = p.copy()
-    for _ in range(iters):
-        d = sqd(q, p)
-        w = np.exp(-(d - d.min(1, keepdims=True)) / temp)
-        w /= w.sum(1, keepdims=True)
-        p = (p0 + w.T @ q) / (1 + w.sum(0))[:, None]
-    return p
+    """Soft k-means at temperature ``temp`` on squared distances: the server's refinement
+    (``server.transduction.refine``) at logit scale 1 / temp, one support per class."""
+    return refine(p, np.ones(len(p)), q, "l2", 1.0 / temp, iters)
 
 
 def main() -> None:
