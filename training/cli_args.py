@@ -79,6 +79,13 @@ def metatrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distance", default=d.distance, choices=["l2", "cosine"], help="protonet")
     g.add_argument("--inner-lr", type=float, help="maml/fomaml inner step size (0.4)")
     g.add_argument("--inner-steps", type=int, help="maml/fomaml inner steps (1)")
+    g.add_argument(
+        "--aux-weight",
+        type=float,
+        default=d.aux_weight,
+        help="protonet: add this times the loss of a cosine classifier over every training "
+        "class (TADAM's co-training; 0: off)",
+    )
     g = p.add_argument_group("episodes")
     g.add_argument("--way", type=int, default=d.n_way)
     g.add_argument("--shot", type=int, default=d.k_shot)
@@ -164,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         method=args.method,
         distance=args.distance,
         method_options=method_opts,
+        aux_weight=args.aux_weight,
         n_way=args.way,
         k_shot=args.shot,
         q_query=args.query,

@@ -51,6 +51,8 @@ class TrainConfig:
     method: str = "protonet"
     distance: str = "l2"
     method_options: dict[str, Any] = field(default_factory=dict)
+    # protonet: weight of an auxiliary cosine classifier over every training class (0: none)
+    aux_weight: float = 0.0
     # episodes
     n_way: int = 20
     k_shot: int = 1
@@ -82,6 +84,10 @@ class TrainConfig:
         if self.schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"schedule must be constant, cosine or step, got {self.schedule!r}")
         AugmentConfig(**self.augment_kwargs())  # fail early on a bad field
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        if self.aux_weight and self.method != "protonet":
+            raise ValueError(f"aux_weight is for protonet, not {self.method!r}")
         if self.crop not in ("none", "ink"):
             raise ValueError(f"crop must be none or ink, got {self.crop!r}")
         if self.crop != "none" and self.dataset != "omniglot":

@@ -25,7 +25,8 @@ from training.data.imageset import ImageSet
 from training.data.sampler import EpisodeSampler
 from training.devices import resolve_device
 from training.evaluate import embed_all, evaluate_embeddings, evaluate_method, torch_encoder
-from training.methods import MAML, PrototypicalNetworks
+from training.methods import MAML, PrototypicalNetworks, feature_dim
+from training.methods.aux_head import CosineClassifier
 from training.runlog import RunLog
 
 CHECKPOINT = "checkpoint.pt"
@@ -50,6 +51,18 @@ def lr_lambda(cfg: TrainConfig) -> Any:
 def episode_generator(seed: int, step: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, step, 1]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def aux_head(cfg: TrainConfig, method: Any, train_ds: ImageSet) -> CosineClassifier | None:
+    """The auxiliary classifier over every training class (rotated and mirrored views
+    included), on the method's device; None when ``cfg.aux_weight`` is 0."""
+    if not cfg.aux_weight:
+        return None
+    if not isinstance(method, PrototypicalNetworks):
+        raise ValueError(f"aux_weight is for protonet, not {type(method).__name__}")
+    dev = next(method.parameters()).device
+    dim = feature_dim(method.backbone, train_ds.num_channels, train_ds.size)
+    return CosineClassifier(dim, train_ds.num_classes).to(dev)
 
 
 def validate(method: Any, val: ImageSet, cfg: TrainConfig, step: int) -> dict[str, float]:
@@ -96,7 +109,9 @@ def metatrain(
     train_ds, val_ds = data or build_data(cfg)
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, train_ds.num_channels, train_ds.size).to(dev)
-    opt = torch.optim.Adam(method.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    aux = aux_head(cfg, method, train_ds)
+    params = list(method.parameters()) + (list(aux.parameters()) if aux else [])
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     sampler = EpisodeSampler(
         train_ds,
@@ -110,11 +125,13 @@ def metatrain(
     log = RunLog(out, cfg.to_dict())
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        if state["config"] != cfg.to_dict():
+        if TrainConfig.from_dict(state["config"]).to_dict() != cfg.to_dict():
             raise ValueError(
                 f"{ckpt_path} was written with another config; use a new out_dir or resume=False"
             )
         method.load_state_dict(state["model"])
+        if aux is not None:
+            aux.load_state_dict(state["aux_head"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -129,6 +146,7 @@ def metatrain(
             config=cfg.to_dict(),
             step=sampler.next,
             model=method.state_dict(),
+            aux_head=aux.state_dict() if aux is not None else None,
             optimizer=opt.state_dict(),
             scheduler=sched.state_dict(),
             sampler=sampler.state_dict(),
@@ -142,7 +160,7 @@ def metatrain(
     start = sampler.next
     end = cfg.episodes if stop_after is None else min(cfg.episodes, start + stop_after)
     method.train()
-    window: list[tuple[float, float]] = []
+    window: list[tuple[float, float, float]] = []
     bar = tqdm(total=cfg.episodes, initial=start, disable=not progress, desc="meta-train")
     t0 = time.perf_counter()
     for step in range(start, end):
@@ -155,28 +173,33 @@ def metatrain(
         sy = torch.from_numpy(ep.support_labels).to(dev)
         qy = torch.from_numpy(ep.query_labels).to(dev)
         sx, qx = train_ds.normalise(sx).to(dev), train_ds.normalise(qx).to(dev)
-        logits = method(sx, sy, qx)
-        loss = method.loss(logits, qy)
+        aux_loss = torch.zeros(())
+        if aux is None:
+            logits = method(sx, sy, qx)
+        else:
+            logits, feats = method.forward_features(sx, sy, qx)
+            every = ep.classes[np.concatenate([ep.support_labels, ep.query_labels])]
+            aux_loss = aux.loss(feats, torch.from_numpy(every).to(dev))
+        episode_loss = method.loss(logits, qy)
+        loss = episode_loss + cfg.aux_weight * aux_loss if aux is not None else episode_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         sampler.next = step + 1
-        window.append((float(loss.detach()), float((logits.argmax(1) == qy).float().mean())))
+        acc = float((logits.argmax(1) == qy).float().mean())
+        window.append((float(episode_loss.detach()), acc, float(aux_loss.detach())))
         bar.update(1)
         done = step + 1
         if done % log_every == 0 or done == end:
-            loss_m, acc_m = np.mean(window, axis=0)
+            loss_m, acc_m, aux_m = np.mean(window, axis=0)
             elapsed = log.seconds + time.perf_counter() - t0
-            log.train.append(
-                {
-                    "step": done,
-                    "loss": float(loss_m),
-                    "acc": float(acc_m),
-                    "lr": sched.get_last_lr()[0],
-                    "seconds": elapsed,
-                }
-            )
+            row = {"step": done, "loss": float(loss_m), "acc": float(acc_m)}
+            if aux is not None:
+                row["aux_loss"] = float(
+                    aux_m
+                )  # the all-class classifier's; "loss" is the episode's
+            log.train.append({**row, "lr": sched.get_last_lr()[0], "seconds": elapsed})
             bar.set_postfix(loss=f"{loss_m:.3f}", acc=f"{acc_m:.3f}")
             window = []
         if cfg.val_every and done % cfg.val_every == 0 and done < cfg.episodes and val_ds.classes:

@@ -37,9 +37,9 @@ def data(glyphs: ImageSet) -> tuple[ImageSet, ImageSet]:
     return train.with_rotations([0, 1, 2, 3]), val
 
 
-@pytest.mark.parametrize("method", ["protonet", "maml"])
-def test_resume_equals_uninterrupted(tmp_path: Path, data, method: str) -> None:
-    cfg = tiny_config(method=method, n_way=3)  # MAML validates at its head's 3 ways
+@pytest.mark.parametrize(("method", "aux"), [("protonet", 0.0), ("maml", 0.0), ("protonet", 0.5)])
+def test_resume_equals_uninterrupted(tmp_path: Path, data, method: str, aux: float) -> None:
+    cfg = tiny_config(method=method, n_way=3, aux_weight=aux)  # MAML validates at 3 ways
     kw = {"progress": False, "data": data, "checkpoint_every": 2, "log_every": 1}
     straight = metatrain(cfg, tmp_path / "a", **kw)
     first = metatrain(cfg, tmp_path / "b", stop_after=3, **kw)
@@ -53,6 +53,35 @@ def test_resume_equals_uninterrupted(tmp_path: Path, data, method: str) -> None:
     assert [r["loss"] for r in straight["train"]] == [r["loss"] for r in resumed["train"]]
     assert a["log"]["val"] == b["log"]["val"]
     assert a["sampler"] == b["sampler"] == {"seed": 0, "next": 6}
+    if aux:
+        for name, tensor in a["aux_head"].items():
+            assert torch.equal(tensor, b["aux_head"][name]), name
+    else:
+        assert a["aux_head"] is None
+
+
+def test_aux_classifier_learns_and_changes_only_training(tmp_path: Path, data) -> None:
+    """The all-class classifier's loss falls, it is logged apart from the episode's loss, and
+    the checkpoint's model (what is exported) has the same keys as without it."""
+    cfg = tiny_config(episodes=60, aux_weight=1.0, augment={}, lr=1e-2)
+    out = metatrain(cfg, tmp_path / "aux", progress=False, data=data, log_every=10)
+    aux = [r["aux_loss"] for r in out["train"]]
+    assert aux[-1] < 0.8 * aux[0], aux
+    plain = metatrain(
+        tiny_config(episodes=1), tmp_path / "plain", progress=False, data=data, log_every=1
+    )
+    assert "aux_loss" not in plain["train"][0]
+    a = load_checkpoint(tmp_path / "aux" / CHECKPOINT)
+    b = load_checkpoint(tmp_path / "plain" / CHECKPOINT)
+    assert a["model"].keys() == b["model"].keys()
+    assert a["aux_head"]["weight"].shape == (data[0].num_classes, 8 * 1)  # hidden 8, 1x1 map
+
+
+def test_aux_weight_is_checked() -> None:
+    with pytest.raises(ValueError, match="aux_weight must be >= 0"):
+        TrainConfig(aux_weight=-1.0)
+    with pytest.raises(ValueError, match="aux_weight is for protonet, not 'maml'"):
+        TrainConfig(method="maml", aux_weight=0.5)
 
 
 def test_run_folder_contents(tmp_path: Path, data) -> None:

@@ -123,3 +123,18 @@ def test_timm_tower_or_clear_error() -> None:
         return
     tower = create_backbone("timm:resnet10t", 1)
     assert tower(torch.zeros(2, 1, 32, 32)).shape[0] == 2
+
+
+def test_cosine_classifier_by_hand() -> None:
+    from training.methods.aux_head import CosineClassifier
+
+    head = CosineClassifier(2, 3, scale=4.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.5], [-1.0, -1.0]]))
+    feats = torch.tensor([[3.0, 4.0]])  # unit vector (0.6, 0.8)
+    expected = 4.0 * torch.tensor([[0.6, 0.8, -1.4 / 2**0.5]])
+    torch.testing.assert_close(head(feats), expected)
+    labels = torch.tensor([1])
+    torch.testing.assert_close(head.loss(feats, labels), -expected.log_softmax(1)[0, 1])
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        CosineClassifier(4, 1)

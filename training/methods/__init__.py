@@ -22,6 +22,7 @@ __all__ = [
     "RelationNetworks",
     "cosine_logits",
     "create_method",
+    "feature_dim",
     "l2_logits",
     "prototypes",
 ]
@@ -33,8 +34,9 @@ def feature_dim(backbone: nn.Module, in_channels: int, size: tuple[int, int]) ->
     """The backbone's embedding width, from one dummy forward pass in eval mode."""
     was_training = backbone.training
     backbone.eval()
+    dev = next(backbone.parameters()).device
     with torch.no_grad():
-        dim = int(backbone(torch.zeros(1, in_channels, *size)).shape[1])
+        dim = int(backbone(torch.zeros(1, in_channels, *size, device=dev)).shape[1])
     backbone.train(was_training)
     return dim
 

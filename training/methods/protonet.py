@@ -20,6 +20,12 @@ class PrototypicalNetworks(FewShotClassifier):
     def forward(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor
     ) -> torch.Tensor:
+        return self.forward_features(support, support_labels, query)[0]
+
+    def forward_features(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [Q, N], the support then query features [S + Q, D]) from one pass."""
         n_way = check_episode(support, support_labels, query)
         s, q = self.embed_episode(support, query)
-        return self.similarity(q, prototypes(s, support_labels, n_way))
+        return self.similarity(q, prototypes(s, support_labels, n_way)), torch.cat([s, q])
