@@ -85,10 +85,12 @@ MODEL_ROTATE ?= 10
 # extra classes (docs/omniglot-model.md, "The ink crop" and "Mirrored characters"). The
 # checkpoint carries its crop, and export serves what it trained with.
 MODEL_CROP ?= --crop ink --ink-margin 0.15
+# torch threads for training (1 when another job shares the machine's 2 cores)
+MODEL_THREADS ?= 2
 MODEL_RECIPE = --backbone conv4 --method protonet --distance l2 --size 32 --way 60 --shot 1 \
   --query 5 --lr 1e-3 --schedule cosine --warmup 100 --degrees 10 --translate 0.08 \
-  --scale 0.9 1.1 --shear 8 --stroke 0.4 --mirror $(MODEL_CROP) --checkpoint-every 250 --seed 0 \
-  --threads 2
+  --scale 0.9 1.1 --shear 8 --stroke 0.4 --mirror $(MODEL_CROP) --aux-weight 0.5 \
+  --checkpoint-every 250 --seed 0 --threads $(MODEL_THREADS)
 HELD_OUT = --split-by superclasses --val-fraction 0.2
 PROXY = --way 20 --within-alphabet --split-drawers --query 5 --episodes 1000 --seed 1
 model: setup

@@ -77,6 +77,17 @@ def test_aux_classifier_learns_and_changes_only_training(tmp_path: Path, data) -
     assert a["aux_head"]["weight"].shape == (data[0].num_classes, 8 * 1)  # hidden 8, 1x1 map
 
 
+def test_checkpoint_from_before_a_new_config_field_resumes(tmp_path: Path, data) -> None:
+    """A run checkpointed before ``aux_weight`` existed resumes: fields it lacks take their
+    defaults before the configs are compared."""
+    cfg = tiny_config()
+    metatrain(cfg, tmp_path, stop_after=3, progress=False, data=data, checkpoint_every=3)
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    del state["config"]["aux_weight"]
+    torch.save(state, tmp_path / CHECKPOINT)
+    assert metatrain(cfg, tmp_path, progress=False, data=data)["step"] == 6
+
+
 def test_aux_weight_is_checked() -> None:
     with pytest.raises(ValueError, match="aux_weight must be >= 0"):
         TrainConfig(aux_weight=-1.0)
