@@ -55,11 +55,10 @@ def episode_generator(seed: int, step: int) -> torch.Generator:
 
 def aux_head(cfg: TrainConfig, method: Any, train_ds: ImageSet) -> CosineClassifier | None:
     """The auxiliary classifier over every training class (rotated and mirrored views
-    included), on the method's device; None when ``cfg.aux_weight`` is 0."""
+    included), on the method's device; None when ``cfg.aux_weight`` is 0 (``TrainConfig``
+    allows it for protonet only)."""
     if not cfg.aux_weight:
         return None
-    if not isinstance(method, PrototypicalNetworks):
-        raise ValueError(f"aux_weight is for protonet, not {type(method).__name__}")
     dev = next(method.parameters()).device
     dim = feature_dim(method.backbone, train_ds.num_channels, train_ds.size)
     return CosineClassifier(dim, train_ds.num_classes).to(dev)
@@ -195,10 +194,8 @@ def metatrain(
             loss_m, acc_m, aux_m = np.mean(window, axis=0)
             elapsed = log.seconds + time.perf_counter() - t0
             row = {"step": done, "loss": float(loss_m), "acc": float(acc_m)}
-            if aux is not None:
-                row["aux_loss"] = float(
-                    aux_m
-                )  # the all-class classifier's; "loss" is the episode's
+            if aux is not None:  # the all-class classifier's; "loss" stays the episode's
+                row["aux_loss"] = float(aux_m)
             log.train.append({**row, "lr": sched.get_last_lr()[0], "seconds": elapsed})
             bar.set_postfix(loss=f"{loss_m:.3f}", acc=f"{acc_m:.3f}")
             window = []

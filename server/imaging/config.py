@@ -43,8 +43,9 @@ class PreprocessConfig:
     crop: ``"center"`` crops (or pads) to ``size``; ``"none"`` never crops, so it is only valid
         where the resize cannot overshoot (``"longest"``, which still pads, and ``"squash"``).
         ``"ink"`` (drawings on a plain page, like Omniglot) first cuts the square around the
-        drawing: the box of every pixel whose luma differs from ``fill`` by 128 or more, its
-        longer side grown by ``ink_margin`` on each side, centred on the box and padded with
+        drawing: the box of every pixel whose luma differs from ``fill`` by 128 or more (lone
+        specks, with no such pixel among their 8 neighbours, left out), its longer side grown
+        by ``ink_margin`` on each side, centred on the box and padded with
         ``fill`` where it leaves the page; a page with no ink is kept whole. Where and how large
         a character is drawn then no longer matters. Resizing follows as for ``"none"``.
     ink_margin: with ``crop="ink"``, the margin as a fraction of the box's longer side.

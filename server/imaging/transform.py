@@ -227,9 +227,12 @@ def _center_crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int) -> I
 def ink_square(img: Image.Image, fill: int, margin: float) -> Image.Image:
     """The square around the drawing on a plain ``fill`` page (``PreprocessConfig.crop="ink"``):
     the box of the pixels whose luma differs from ``fill`` by 128 or more, its longer side grown
-    by ``margin`` on each side, centred on the box, padded with ``fill``. No ink: ``img``."""
+    by ``margin`` on each side, centred on the box, padded with ``fill``. No ink: ``img``.
+    Ink pixels with no ink among their 8 neighbours (specks) do not count, unless they are all
+    the ink there is: one speck far from the drawing would otherwise grow the box."""
     luma = np.asarray(img if img.mode == "L" else img.convert("L"))
     ink = luma <= fill - 128 if fill >= 128 else luma >= fill + 128  # |luma - fill| >= 128
+    ink = _without_specks(ink)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     if rows.size == 0:
         return img
@@ -243,3 +246,17 @@ def ink_square(img: Image.Image, fill: int, margin: float) -> Image.Image:
     out = Image.new(img.mode, (s, s), fill if img.mode == "L" else (fill,) * len(img.mode))
     out.paste(img, (-x0, -y0))
     return out
+
+
+def _without_specks(ink: np.ndarray) -> np.ndarray:
+    """``ink`` less its isolated pixels (no ink among the 8 neighbours); ``ink`` itself when
+    that would leave nothing."""
+    p = np.pad(ink, 1)
+    h, w = ink.shape
+    neighbours = np.zeros(ink.shape, np.uint8)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            if (dy, dx) != (1, 1):
+                neighbours += p[dy : dy + h, dx : dx + w]
+    kept = ink & (neighbours > 0)
+    return kept if kept.any() else ink

@@ -44,6 +44,19 @@ def test_no_margin_and_blank_pages() -> None:
     assert ink_square(faint, fill=255, margin=0.15) is faint
 
 
+def test_specks_do_not_move_the_box() -> None:
+    """A lone dark pixel far from the drawing is a speck, not ink: the square is the clean
+    page's. Two touching pixels are a mark and count; a page of nothing but specks keeps them."""
+    drawing = (5, 9, 10, 19)
+    clean = np.asarray(ink_square(_page(20, 30, [drawing]), fill=255, margin=0.5))
+    specked = _page(20, 30, [drawing, (0, 0, 0, 0), (18, 18, 28, 28), (0, 0, 29, 29)])
+    np.testing.assert_array_equal(np.asarray(ink_square(specked, fill=255, margin=0.5)), clean)
+    mark = np.asarray(ink_square(_page(20, 30, [drawing, (18, 18, 27, 28)]), fill=255, margin=0))
+    assert mark.shape == (19, 19)  # rows 5..18, columns 10..28: the mark grows the box
+    dots = _page(12, 12, [(2, 2, 2, 2), (8, 8, 8, 8)])  # rows and columns 2..8
+    assert np.asarray(ink_square(dots, fill=255, margin=0.0)).shape == (7, 7)
+
+
 def test_colour_pages_and_dark_backgrounds() -> None:
     out = ink_square(_page(20, 30, [(5, 9, 10, 19)], mode="RGB"), fill=255, margin=0.5)
     assert out.mode == "RGB" and out.size == (20, 20)
