@@ -19,7 +19,7 @@ EXTRAS ?= dev,train
 SOURCES := $(shell find csrc server training -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name 'CMakeLists.txt' \) 2>/dev/null)
 STAMP := $(VENV)/.protoserve-$(EXTRAS)-$(PROTOSERVE_CUDA)
 
-.PHONY: model-validate setup data serve test lint typecheck pytest bench model clean
+.PHONY: model-validate setup data bench-tools serve test lint typecheck pytest bench model clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ data: $(FMNIST)
 $(FMNIST):
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
 
+# h2load (nghttp2), the native load generator of bench/serving.py (Debian's package).
+bench-tools:
+	@command -v h2load >/dev/null || $(SUDO) apt-get install -y -q nghttp2-client || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q nghttp2-client; }
+
 serve: setup
 	@echo "protoserve: gRPC on 127.0.0.1:50051, Prometheus metrics on :9090, models from ./models, state in ./data"
 	@echo "Try, in another shell (docs/api.md):"
@@ -60,7 +64,7 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-pytest: setup data
+pytest: setup data bench-tools
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test: lint typecheck pytest

@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32, help="server batcher (default 32)")
     p.add_argument("--max-delay-ms", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=64)
-    p.add_argument("--model-instances", type=int, default=1, help="server model instances")
+    p.add_argument(
+        "--model-instances", type=int, default=0, help="server model instances (0: automatic)"
+    )
     args = p.parse_args(argv)
     args.server_process = True
     if not serving.RUN.is_dir():
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     points: list[tuple] = []
     try:
         folder = make_inputs(tmp, args.images)
-        with serving.running_server(True, args) as target:
+        with serving.running_server(True, args) as (target, _metrics):
             serving.setup_collection(target)
             with ProtoserveClient(target) as client:
                 classify = _server_classify(client, serving.COLLECTION, None)

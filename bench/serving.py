@@ -2,14 +2,20 @@
 
     python bench/serving.py [--concurrency 1 8 32 64] [--seconds 10] [--batching on off]
                             [--images 1] [--server-process | --no-server-process]
-                            [--model-instances N] [--rounds R]
+                            [--model-instances N] [--rounds R] [--client auto|h2load|python]
 
 For each batching mode a fresh server (``python -m server.grpc.app`` as a subprocess by
 default, so the load generator does not share its GIL; ``--no-server-process``: in-process
 ``build_server``) gets collection ``run01`` with the 20 run01 training images of the bundled
 ``omniglot-protonet`` model, one class each. Batching ``off`` is ``--max-batch-size 1``.
-An asyncio gRPC client then keeps ``concurrency`` Classify requests (``--images`` run01 test
-images each, pre-serialized once) in flight for ``--seconds`` after a short warm-up.
+A load generator then keeps ``concurrency`` Classify requests (``--images`` run01 test images
+each, pre-serialized once) in flight on one connection for ``--seconds`` after a warm-up:
+h2load (nghttp2's HTTP/2 load generator, in C: ``bench/h2load_client.py``) when it is installed
+(``make bench-tools``), else this process's asyncio gRPC client (``--client`` chooses). The two
+share the cores with the server, and the asyncio client costs several times more CPU per call
+(the report gives each run's client CPU per request). A call counts as served only with status
+OK: h2load does not read gRPC trailers, so the server's own per-status counters (its /metrics)
+are read around each point, and any non-OK Classify there is an error.
 
 The ceiling is the same decode + embed + score work in this process with no gRPC and no
 batcher (``Preprocessor.preprocess_bytes`` -> ``runtime.encode_images`` -> prototype scores and
@@ -23,14 +29,10 @@ With ``--rounds R`` the ceiling and the servers are measured R times, alternatin
 goal is judged on the median of the rounds' ratios (each round's ratio compares figures of that
 round; on a shared machine one round's ratio moves by about 10 points).
 
-Registration visibility: ~20 trials, each registering a new class (5 drawings of an Omniglot
-background character not in run01) and then polling Classify with a 6th drawing of it until
-the new label appears in the answer. Embedding time is excluded on both sides: the supports'
-embedding happens before the RegisterClass acknowledgement (the clock starts at the ack), and
-the query image's own decode + embed + RPC time is subtracted as that trial's baseline (the
-fastest of 3 Classify calls with the same image just before registering). The report gives
-the median of (first answer naming the new class - ack - baseline), and the median of the raw
-ack-to-answer time.
+Registration visibility (``bench/serving_visibility.py``): ~20 trials, each registering a new
+class with 5 supports and timing its first appearance in Classify after the acknowledgement,
+embedding time excluded. The report gives the median of (first answer naming the new class -
+ack - the query's own Classify time), and the median of the raw ack-to-answer time.
 """
 
 from __future__ import annotations
@@ -39,14 +41,15 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from h2load_client import grpc_errors, h2load_path, run_h2load  # noqa: E402
+from serving_visibility import measure_visibility  # noqa: E402
+
 from server.client import ProtoserveClient  # noqa: E402
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb  # noqa: E402
 
@@ -68,7 +74,7 @@ OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 RUN = OMNIGLOT / "sample_run" / "run01"
 BACKGROUND_ZIP = OMNIGLOT / "images_background_small1.zip"
 CLASSIFY = "/protoserve.v1.Protoserve/Classify"
-WARMUP_S = 0.5
+WARMUP_S = 1.0
 CEILING_BATCHES = (1, 4, 8, 32, 64, 128)
 GOAL_CEILING = 0.85
 GOAL_VISIBLE_MS = 50.0
@@ -83,6 +89,12 @@ class Point:
     seconds: float
     latencies_s: list[float]
     errors: int
+    client_cpu_s: float  # the load generator's CPU time over the whole point, warm-up included
+    client_wall_s: float  # that point's wall time
+
+    @property
+    def client_cores(self) -> float:
+        return self.client_cpu_s / self.client_wall_s
 
     @property
     def rps(self) -> float:
@@ -105,23 +117,6 @@ def training_images() -> list[tuple[str, bytes]]:
 
 def test_images() -> list[bytes]:
     return [f.read_bytes() for f in sorted((RUN / "test").glob("*.png"))]
-
-
-def new_characters(n: int) -> list[tuple[str, list[bytes]]]:
-    """``n`` (label, 6 drawings) from the Omniglot background set (not in run01)."""
-    out: list[tuple[str, list[bytes]]] = []
-    with zipfile.ZipFile(BACKGROUND_ZIP) as z:
-        by_char: dict[str, list[str]] = {}
-        for name in sorted(z.namelist()):
-            if name.endswith(".png"):
-                by_char.setdefault(name.rsplit("/", 1)[0], []).append(name)
-        for char, files in by_char.items():
-            if len(files) >= 6:
-                label = "new-" + re.sub(r"[^A-Za-z0-9_.-]", "_", char.split("/", 1)[1])
-                out.append((label, [z.read(f) for f in files[:6]]))
-            if len(out) == n:
-                break
-    return out
 
 
 # -- ceiling ------------------------------------------------------------------------------------
@@ -202,12 +197,20 @@ def server_flags(batching: bool, args: argparse.Namespace, data_dir: Path) -> di
         "workers": args.workers,
         "model_instances": args.model_instances,
         "grace_s": 2.0,
+        "metrics_port": _free_port(),
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextmanager
-def running_server(batching: bool, args: argparse.Namespace) -> Iterator[str]:
-    """A started server with an empty data dir; yields its address; stops it on exit."""
+def running_server(batching: bool, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """A started server with an empty data dir; yields its address and metrics URL; stops it
+    on exit."""
     tmp = Path(tempfile.mkdtemp(prefix="protoserve-bench-"))
     flags = server_flags(batching, args, tmp / "data")
     try:
@@ -220,14 +223,14 @@ def running_server(batching: bool, args: argparse.Namespace) -> Iterator[str]:
             server, port = build_server(ServerConfig(**flags))  # type: ignore[arg-type]
             server.start()
             try:
-                yield f"127.0.0.1:{port}"
+                yield f"127.0.0.1:{port}", f"http://127.0.0.1:{server.metrics_port}/metrics"
             finally:
                 server.stop(grace=2.0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _subprocess_server(flags: dict[str, object], tmp: Path) -> Iterator[str]:
+def _subprocess_server(flags: dict[str, object], tmp: Path) -> Iterator[tuple[str, str]]:
     cmd = [sys.executable, "-m", "server.grpc.app"]
     for name, value in flags.items():
         cmd += ["--" + name.replace("_", "-"), str(value)]
@@ -245,7 +248,7 @@ def _subprocess_server(flags: dict[str, object], tmp: Path) -> Iterator[str]:
                 raise RuntimeError(f"server did not start:\n{err_path.read_text()[-2000:]}")
             else:
                 time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{flags['metrics_port']}/metrics"
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -267,15 +270,16 @@ def setup_collection(target: str) -> None:
 
 # -- load ---------------------------------------------------------------------------------------
 async def _load(
-    target: str, payload: bytes, n_images: int, concurrency: int, seconds: float
-) -> tuple[int, int, float, list[float], int]:
+    target: str, payload: bytes, concurrency: int, seconds: float
+) -> tuple[int, list[float], int, int]:
+    """(measured calls, their latencies, errors) from the asyncio client."""
     async with grpc.aio.insecure_channel(
         target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     ) as channel:
         call = channel.unary_unary(CLASSIFY)  # raw bytes in, raw bytes out
         await call(payload, timeout=30)
         latencies: list[float] = []
-        count = [0, 0]  # measured requests, errors
+        count = [0, 0]  # measured calls, errors
         start = time.perf_counter()
         measure_from = start + WARMUP_S
         stop_at = measure_from + seconds
@@ -296,50 +300,54 @@ async def _load(
                     count[0] += 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return count[0], count[0] * n_images, seconds, latencies, count[1]
+        return count[0], latencies, count[1]
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def run_point(
-    mode: str, target: str, payload: bytes, n_images: int, concurrency: int, seconds: float
+    mode: str,
+    served: tuple[str, str],
+    payload: bytes,
+    n_images: int,
+    concurrency: int,
+    seconds: float,
+    client: str,
 ) -> Point:
-    reqs, imgs, secs, lat, errors = asyncio.run(
-        _load(target, payload, n_images, concurrency, seconds)
-    )
-    return Point(mode, concurrency, reqs, imgs, secs, lat, errors)
+    """One load point; errors count failed calls and every non-OK Classify the server saw."""
+    target, metrics_url = served
+    errors_before = grpc_errors(metrics_url, "Classify")
+    t0 = time.perf_counter()
+    if client == "h2load":
+        cpu0 = _children_cpu()
+        h2 = run_h2load(target, CLASSIFY, payload, concurrency, seconds, WARMUP_S)
+        cpu = _children_cpu() - cpu0
+        reqs, secs, lat, failed = h2.requests, h2.seconds, h2.latencies_s, h2.failed
+    else:
+        cpu0 = time.process_time()
+        reqs, lat, failed = asyncio.run(_load(target, payload, concurrency, seconds))
+        cpu, secs = time.process_time() - cpu0, seconds
+    wall = time.perf_counter() - t0
+    errors = failed + grpc_errors(metrics_url, "Classify") - errors_before
+    return Point(mode, concurrency, reqs, reqs * n_images, secs, lat, errors, cpu, wall)
 
 
-# -- registration visibility --------------------------------------------------------------------
-def measure_visibility(target: str, trials: int) -> tuple[list[float], list[float], list[int]]:
-    """Per trial: (ack -> first answer naming the class - baseline, raw, polls), in s."""
-    net: list[float] = []
-    raw: list[float] = []
-    polls: list[int] = []
-    with ProtoserveClient(target) as c:
-        top_k = c.get_collection(COLLECTION).class_count + 1  # every class: presence, not rank
-        for label, drawings in new_characters(trials):
-            supports, query = drawings[:5], drawings[5]
-            baseline = float("inf")
-            for _ in range(3):
-                t0 = time.perf_counter()
-                (r,) = c.classify(COLLECTION, [query], top_k=top_k)
-                baseline = min(baseline, time.perf_counter() - t0)
-                assert all(p.label != label for p in r.predictions)
-            c.register(COLLECTION, label, images=supports)
-            t_ack = time.perf_counter()
-            n = 0
-            while True:
-                n += 1
-                (r,) = c.classify(COLLECTION, [query], top_k=top_k)
-                t = time.perf_counter()
-                if any(p.label == label for p in r.predictions):
-                    break
-                if t - t_ack > 5:
-                    raise RuntimeError(f"class {label!r} not visible 5 s after registration")
-            raw.append(t - t_ack)
-            net.append(max(0.0, t - t_ack - baseline))
-            polls.append(n)
-            c.remove_class(COLLECTION, label)
-    return net, raw, polls
+def pick_client(wanted: str) -> str:
+    if wanted != "auto":
+        if wanted == "h2load" and h2load_path() is None:
+            sys.exit("--client h2load: h2load not found (make bench-tools)")
+        return wanted
+    if h2load_path() is None:
+        print(
+            "# h2load not found (make bench-tools): the asyncio client generates the load, "
+            "and its CPU comes out of the server's",
+            file=sys.stderr,
+        )
+        return "python"
+    return "h2load"
 
 
 # -- one round: the ceiling, then every mode's server ---------------------------------------------
@@ -367,10 +375,11 @@ def one_round(
     points: list[Point] = []
     visibility = None
     for mode in args.batching:
-        with running_server(mode == "on", args) as target:
+        with running_server(mode == "on", args) as served:
+            target = served[0]
             setup_collection(target)
             for conc in args.concurrency:
-                pt = run_point(mode, target, payload, args.images, conc, args.seconds)
+                pt = run_point(mode, served, payload, args.images, conc, args.seconds, args.client)
                 points.append(pt)
                 print(
                     f"# {mode} c={conc}: {pt.ips:.0f} images/s, p50 {pt.pct(50):.2f} ms",
@@ -378,7 +387,9 @@ def one_round(
                     flush=True,
                 )
             if want_visibility and args.visibility_trials > 0 and mode == args.batching[0]:
-                visibility = measure_visibility(target, args.visibility_trials)
+                visibility = measure_visibility(
+                    target, COLLECTION, args.visibility_trials, BACKGROUND_ZIP
+                )
     return Round(points, ceilings, measured[-1][0], visibility)
 
 
@@ -388,15 +399,21 @@ def print_round(args: argparse.Namespace, rnd: Round, title: str) -> None:
         f"\n{title}. Server: {where}, workers {args.workers}; batching on = max_batch_size "
         f"{args.max_batch_size}, max_delay_ms {args.max_delay_ms}; off = max_batch_size 1; "
         f"{rnd.served_instances} model instance(s). "
-        f"{args.images} image(s)/request, {args.seconds:g} s per point, {os.cpu_count()} CPUs.\n"
+        f"{args.images} image(s)/request, {args.seconds:g} s per point, {os.cpu_count()} CPUs. "
+        f"Load: {args.client} client (its CPU in cores and per request).\n"
     )
-    print("| mode | concurrency | requests/s | images/s | p50 ms | p99 ms | % of ceiling |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| mode | concurrency | requests/s | images/s | p50 ms | p99 ms | client cores "
+        "| client ms/request | % of ceiling |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for pt in rnd.points:
         err = f" ({pt.errors} errors)" if pt.errors else ""
+        per_req = 1000 * pt.client_cores / pt.rps if pt.rps else float("nan")
         print(
             f"| batching {pt.mode} | {pt.concurrency} | {pt.rps:.1f} | {pt.ips:.1f} | "
-            f"{pt.pct(50):.2f} | {pt.pct(99):.2f} | {100 * pt.ips / rnd.ceiling:.1f}%{err} |"
+            f"{pt.pct(50):.2f} | {pt.pct(99):.2f} | {pt.client_cores:.3f} | {per_req:.3f} | "
+            f"{100 * pt.ips / rnd.ceiling:.1f}%{err} |"
         )
     print()
     for n, (b, v, per) in rnd.ceilings.items():
@@ -433,9 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model-instances",
         type=int,
-        default=1,
-        help="server model instances (default 1, the server's; 0: automatic); the ceiling is "
-        "the better of 1 stream and that many",
+        default=0,
+        help="server model instances (default 0, the server's: automatic, 2 on a CPU with 2+ "
+        "cores); the ceiling is the better of 1 stream and that many",
     )
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--visibility-trials", type=int, default=20, help="0: skip")
@@ -445,6 +462,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="repeat ceiling + servers this many times; the goal is judged on the median "
         "ratio (this machine is shared and noisy: one round's ratio moves by ~10 points)",
+    )
+    p.add_argument(
+        "--client",
+        choices=["auto", "h2load", "python"],
+        default="auto",
+        help="load generator: h2load (native, make bench-tools), python (asyncio gRPC), auto: "
+        "h2load when installed",
     )
     args = p.parse_args(argv)
     if not RUN.is_dir():
@@ -456,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     query_imgs = [tests[i % len(tests)] for i in range(args.images)]
     payload = pb.ClassifyRequest(collection=COLLECTION, images=query_imgs).SerializeToString()
 
+    args.client = pick_client(args.client)
     ratios: dict[str, list[float]] = {}
+    errors: dict[str, int] = {}
     visibility: tuple[list[float], list[float], list[int]] | None = None
     for r in range(args.rounds):
         rnd = one_round(args, tests, payload, want_visibility=r == 0)
@@ -466,14 +492,17 @@ def main(argv: list[str] | None = None) -> int:
         for pt in rnd.points:
             if pt.concurrency == 32:
                 ratios.setdefault(pt.mode, []).append(pt.ips / rnd.ceiling)
+                errors[pt.mode] = errors.get(pt.mode, 0) + pt.errors
     print()
     for mode, rs in ratios.items():
         med = float(np.median(rs))
         each = ", ".join(f"{100 * x:.1f}%" for x in rs)
-        ok = med >= GOAL_CEILING
+        ok = med >= GOAL_CEILING and not errors[mode]
+        failed = f" ({errors[mode]} failed calls)" if errors[mode] else ""
         print(
-            f"Goal >= {GOAL_CEILING:.0%} of ceiling at concurrency 32, batching {mode}: "
-            f"{100 * med:.1f}%{' (median of ' + each + ')' if len(rs) > 1 else ''} -> "
+            f"Goal >= {GOAL_CEILING:.0%} of ceiling at concurrency 32, batching {mode}, "
+            f"{args.client} client: "
+            f"{100 * med:.1f}%{' (median of ' + each + ')' if len(rs) > 1 else ''}{failed} -> "
             f"{'MET' if ok else 'NOT MET'}"
         )
     if visibility is not None:

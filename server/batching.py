@@ -21,7 +21,7 @@ import itertools
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -88,14 +88,17 @@ class DynamicBatcher(Generic[T, R]):
     """Groups submitted items into calls of ``fn(list_of_items) -> list_of_results``.
 
     ``fn`` must return one result per input, in order; otherwise every caller in that batch
-    gets ``BatchSizeMismatch``. An exception from ``fn`` fails that batch's futures only and the
-    batcher keeps serving. ``submit`` raises ``Overloaded`` once ``max_queue`` items wait, and
-    ``Closed`` after ``close``. A cancelled future is dropped before its batch runs.
+    gets ``BatchSizeMismatch``. It may instead return an iterator of them, produced as they
+    are computed: each caller's future then completes with its own result at once, and an
+    error or a short count fails only the callers still waiting. An exception from ``fn``
+    fails that batch's futures only and the batcher keeps serving. ``submit`` raises
+    ``Overloaded`` once ``max_queue`` items wait, and ``Closed`` after ``close``. A cancelled
+    future is dropped before its batch runs.
     """
 
     def __init__(
         self,
-        fn: Callable[[list[T]], Sequence[R]],
+        fn: Callable[[list[T]], Sequence[R] | Iterator[R]],
         max_batch_size: int = 32,
         max_delay_s: float = 0.005,
         max_queue: int = 1024,
@@ -120,6 +123,7 @@ class DynamicBatcher(Generic[T, R]):
         self._closed = False
         self._batches_run = 0
         self._running = 0  # batches inside fn right now
+        self._unanswered = 0  # items of those batches without their result yet
         self._items_run = 0
         self._failed_batches = 0
         self._rejected = 0
@@ -168,6 +172,7 @@ class DynamicBatcher(Generic[T, R]):
             if self._queue or self._running >= self.instances:
                 return None
             self._running += 1
+            self._unanswered += len(items)
         results, error = self._call(list(items))
         if error is not None:
             raise error
@@ -246,14 +251,16 @@ class DynamicBatcher(Generic[T, R]):
                 now = time.monotonic()
                 batch, _ = collate(head, now, self.max_batch_size, delay)
                 if batch and self.instances > 1:
-                    # Share what is due among the idle instances (this one included), so that
-                    # one instance does not take it all while another has nothing to run.
-                    idle = self.instances - self._running  # >= 1: checked above
-                    batch = batch[: max(1, -(-len(self._queue) // idle))]
+                    # An even share of the work in hand (what waits, and what running batches
+                    # have still to answer) per instance: one instance does not take the whole
+                    # queue while another is idle, or about to be.
+                    share = -(-(len(self._queue) + self._unanswered) // self.instances)
+                    batch = batch[: max(1, share)]
                 if batch:
                     for _ in batch:
                         self._queue.popleft()
                     self._running += 1
+                    self._unanswered += len(batch)
                     if self._queue and self.instances > 1:
                         self._cond.notify()  # what is left may be due for an idle worker
                     return batch
@@ -262,28 +269,50 @@ class DynamicBatcher(Generic[T, R]):
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            with self._cond:
+                self._unanswered -= len(batch) - len(live)
+                if not live:
+                    self._running -= 1
             if live:
                 self._run_batch(live)
-            else:
-                with self._cond:
-                    self._running -= 1
 
-    def _call(self, items: list[T]) -> tuple[Sequence[R], BaseException | None]:
+    def _call(
+        self, items: list[T], deliver: Callable[[int, R], None] | None = None
+    ) -> tuple[Sequence[R], BaseException | None]:
         """``fn(items)`` with its result checked, then the books kept (this batch was counted
-        as running when it was taken)."""
+        as running when it was taken). ``fn`` may return an iterator: then ``deliver(i, r)``
+        gets each result as soon as it is produced (a model that runs a batch in slices
+        answers the first slice's callers first), and the list comes back empty."""
         error: BaseException | None = None
         results: Sequence[R] = ()
+        produced = streamed = 0
         try:
-            results = self.fn(items)
-            if len(results) != len(items):
+            out = self.fn(items)
+            if isinstance(out, Iterator):
+                collected: list[R] = []
+                for r in out:
+                    if produced < len(items):
+                        if deliver is None:
+                            collected.append(r)
+                        else:
+                            deliver(produced, r)
+                            with self._cond:
+                                self._unanswered -= 1
+                                streamed += 1
+                    produced += 1
+                results = collected
+            else:
+                results, produced = out, len(out)
+            if produced != len(items):
                 raise BatchSizeMismatch(
-                    f"batcher {self.name!r}: fn returned {len(results)} results "
+                    f"batcher {self.name!r}: fn returned {produced} results "
                     f"for a batch of {len(items)} items"
                 )
         except Exception as e:  # isolated to this batch; the worker keeps serving
             error = e
         with self._cond:
             self._running -= 1
+            self._unanswered -= len(items) - streamed
             self._batches_run += 1
             self._items_run += len(items)
             self._batch_sizes[len(items)] += 1
@@ -294,8 +323,15 @@ class DynamicBatcher(Generic[T, R]):
         return results, error
 
     def _run_batch(self, batch: list[_Pending[T, R]]) -> None:
-        results, error = self._call([p.item for p in batch])
-        for i, p in enumerate(batch):
+        delivered = 0
+
+        def deliver(i: int, r: R) -> None:
+            nonlocal delivered
+            batch[i].future.set_result(r)
+            delivered = i + 1
+
+        results, error = self._call([p.item for p in batch], deliver)
+        for i, p in enumerate(batch[delivered:], start=delivered):
             if error is not None:
                 p.future.set_exception(error)
             else:

@@ -44,12 +44,14 @@ class ServerConfig:
     max_queue: int = 1024  # images waiting per model's batcher; beyond: RESOURCE_EXHAUSTED
     workers: int = 16  # gRPC handler threads
     # Batches of one model that may run at once (Triton's instance_group count), each on
-    # cores / instances onnxruntime threads when they overlap. 0: 2 for a model on the CPU
-    # (with 2+ cores), else 1. 2 with --max-batch-size 1 serves the bundled model fastest on
-    # 2 cores; with batching on, 2 gave worse tails (README, "Serving benchmark").
-    model_instances: int = 1
+    # cores / instances onnxruntime threads when they overlap. 0 (automatic): 2 for a model
+    # on the CPU (with 2+ cores), else 1. On 2 cores, 2 serve the bundled model 10-15% more
+    # images/s at 32 clients than 1, at the same latency for a lone client (README,
+    # "Serving benchmark").
+    model_instances: int = 0
     # Rows per onnxruntime run: larger batches run in slices of this many (bounded memory; a
-    # CPU batch past the caches is up to 9x slower per image). 0: 8 on the CPU, else whole.
+    # CPU batch past the caches is up to 9x slower per image). 0: on the CPU, the image
+    # tower's fastest of 1, 2, 4 and 8, measured at load (server.runtimes.run_batch); else whole.
     run_batch: int = 0
     decode_threads: int = 4
     max_message_bytes: int = 64 * 1024 * 1024

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -136,11 +136,21 @@ class _Model:
             instances=instances,
         )
 
-    def _encode(self, items: list[FloatArray]) -> list[FloatArray]:
-        runtime = self.runtime
-        if self.narrow is not None and self.batcher.load() != (1, 0):
-            runtime = self.narrow  # other batches run or wait: share the cores out
-        return list(runtime.encode_images(np.stack(items)))
+    def _encode(self, items: list[FloatArray]) -> Iterator[FloatArray]:
+        """The batch's embeddings, a slice of the runtime's rows per run at a time (its
+        ``run_batch``; all at once without one): the batcher answers each slice's callers as
+        soon as it is done, so the first callers of a large batch do not wait for the last.
+        Each slice runs on every core while it has the model to itself, else on ``narrow``
+        (decided per slice: a batch that starts alone does not keep every core once others
+        start beside it, where the threads of one run would wait on each other)."""
+        i = 0
+        while i < len(items):
+            runtime = self.runtime
+            if self.narrow is not None and self.batcher.load() != (1, 0):
+                runtime = self.narrow  # other batches run or wait: share the cores out
+            step = getattr(runtime, "run_batch", 0) or len(items)
+            yield from runtime.encode_images(np.stack(items[i : i + step]))
+            i += step
 
 
 class Pipeline:

@@ -333,6 +333,55 @@ def test_instances_share_a_due_queue(make) -> None:
     assert b.load() == (0, 0)
 
 
+def test_a_free_instance_leaves_a_share_for_the_busy_one(make) -> None:
+    """One instance busy on one item, six items due: the free instance takes four (an even
+    share of the seven in hand), not all six; the rest go to whichever instance is free next."""
+    gate = Gated()
+    b = make(gate, max_batch_size=8, max_delay_s=0.0, instances=2)
+    held = gate.hold(b)  # instance 1 busy
+    futures = b.submit_many(list(range(6)))
+    assert [f.result(WAIT) for f in futures[:4]] == ["0!", "1!", "2!", "3!"]
+    assert gate.batches[1] == [0, 1, 2, 3]
+    gate.release.set()
+    assert held.result(WAIT) == "gate!"
+    assert [f.result(WAIT) for f in futures[4:]] == ["4!", "5!"]
+    assert sum(map(len, gate.batches[2:])) == 2
+    deadline = time.monotonic() + WAIT
+    while b.load() != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert b.load() == (0, 0) and b._unanswered == 0
+
+
+def test_streamed_results_answer_each_caller_as_they_come(make) -> None:
+    """``fn`` returning an iterator: each caller's future completes as its result is
+    produced; a short count fails only the callers still waiting."""
+    produced_first, go_on = threading.Event(), threading.Event()
+
+    def fn(items: list[object]) -> Iterator[object]:
+        for i, x in enumerate(items):
+            if x == "short":
+                return
+            yield f"{x}!"
+            if i == 0:
+                produced_first.set()
+                assert go_on.wait(WAIT)
+
+    b = make(fn, max_batch_size=8, max_delay_s=0.05, name="s")
+    first, second = b.submit_many(["a", "b"])
+    assert produced_first.wait(WAIT)
+    assert first.result(WAIT) == "a!" and not second.done()  # a! before b is computed
+    go_on.set()
+    assert second.result(WAIT) == "b!"
+    ok, short = b.submit_many(["c", "short"])
+    assert ok.result(WAIT) == "c!"
+    with pytest.raises(BatchSizeMismatch, match="fn returned 1 results for a batch of 2"):
+        short.result(WAIT)
+    assert b.stats().failed_batches == 1
+    assert b.run_here(["d", "e"]) is None  # holds items (delay > 0): never inline
+    inline = make(fn, max_batch_size=8, max_delay_s=0.0)
+    assert inline.run_here(["d", "e"]) == ["d!", "e!"]  # collected in the caller's thread
+
+
 def test_run_here_only_when_an_instance_is_free(make) -> None:
     """``run_here`` runs in the caller's thread while an instance is free and nothing waits,
     counts as a batch, never lets more than ``instances`` batches run, and declines

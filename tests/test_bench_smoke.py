@@ -3,6 +3,7 @@ silently is worse than none. Their figures are not checked here: this machine is
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,25 @@ def test_serving_bench() -> None:
     )  # fmt: skip
     assert "% of ceiling" in out and "Registration visibility" in out
     assert "1 stream(s)" in out and "2 stream(s)" in out
-    assert "Round 2 of 2" in out and "batching on: " in out and "(median of " in out
+    assert "Round 2 of 2" in out and "batching on, " in out and "(median of " in out
+    assert "failed calls" not in out and "errors)" not in out
+
+
+@needs_run
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["python", "h2load"])
+def test_serving_bench_clients(client: str) -> None:
+    if client == "h2load" and shutil.which("h2load") is None:
+        pytest.skip("h2load not installed (make bench-tools)")
+    out = run_bench(
+        "bench/serving.py",
+        "--seconds", "1", "--concurrency", "32", "--batching", "off", "--ceiling-seconds", "0.5",
+        "--visibility-trials", "0", "--client", client,
+    )  # fmt: skip
+    assert f"Load: {client} client" in out and f"batching off, {client} client: " in out
+    row = next(line for line in out.splitlines() if line.startswith("| batching off | 32 |"))
+    assert "errors" not in row
+    assert float(row.split("|")[3]) > 0  # requests/s
 
 
 @needs_run

@@ -11,6 +11,7 @@ import pytest
 from server.model_repo import ModelRepoError, ModelRepository, load_model
 from server.runtimes.base import UnsupportedTower
 from server.runtimes.onnx_rt import OnnxConfig, OnnxRuntime
+from server.runtimes.run_batch import CANDIDATES
 from tests.onnx_models import edit_manifest, image_model_folder
 
 
@@ -151,6 +152,7 @@ def test_onnx_runtime_runs_large_batches_in_slices(folder: Path) -> None:
     np.testing.assert_allclose(out, pixels.mean(axis=(2, 3)) @ weight, rtol=1e-5, atol=1e-6)
     rt.encode_images(pixels[:4])
     assert counting.rows[3:] == [4]
-    assert OnnxRuntime(load_model(folder)).run_batch == 8  # the CPU provider alone: slices of 8
+    # the CPU provider alone: the image tower's slice is measured at load, one of CANDIDATES
+    assert OnnxRuntime(load_model(folder)).run_batch in CANDIDATES
     with pytest.raises(ValueError, match="run_batch must be an integer >= 0"):
         OnnxConfig(run_batch=-1)

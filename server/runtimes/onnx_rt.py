@@ -7,12 +7,15 @@ CPU wheel offers only CPU). Thread counts are per session.
 Large batches run in slices of ``run_batch`` rows. On the CPU a batch past the caches costs far
 more per image: the bundled 27-view Omniglot tower gives 380-395 images/s at batch 1-4, 345 at
 32, 208 at 64 and 43 at 128 (with 3 GB resident), so a 128-image Classify or an offline job
-ran 9x slower than slices of 8 do. The slice is 8 rows by default where only the CPU runs the
-model; GPU providers take the batch whole.
+ran 9x slower than slices of 8 do. Where only the CPU runs the model, the image tower's slice
+is measured when the session loads (``server.runtimes.run_batch``: 1, 2, 4 or 8 rows, the
+fastest per row for this model on this many threads) and the text tower's is 8; GPU providers
+take the batch whole. An explicit ``run_batch`` is used as it is.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +33,7 @@ from server.runtimes.base import (
     check_pixels,
     in_slices,
 )
+from server.runtimes.run_batch import tune_run_batch
 
 PREFERRED_PROVIDERS = (
     "TensorrtExecutionProvider",
@@ -45,7 +49,7 @@ class OnnxConfig:
     providers: tuple[str, ...] | str = "auto"
     intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
     inter_op_threads: int = 1
-    run_batch: int = 0  # rows per session run; 0: 8 on the CPU provider alone, else no limit
+    run_batch: int = 0  # rows per session run; 0: measured on the CPU provider alone, else whole
 
     def __post_init__(self) -> None:
         n = self.run_batch
@@ -53,7 +57,9 @@ class OnnxConfig:
             raise ValueError(f"run_batch must be an integer >= 0 (0: automatic), got {n!r}")
 
 
-CPU_RUN_BATCH = 8
+CPU_RUN_BATCH = 8  # the text tower's slice on the CPU (the image tower's is measured)
+
+log = logging.getLogger(__name__)
 
 
 def pick_providers(wanted: tuple[str, ...] | str) -> list[str]:
@@ -92,9 +98,9 @@ class OnnxRuntime(Runtime):
         opts.inter_op_num_threads = self.config.inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = pick_providers(self.config.providers)
-        self.run_batch = self.config.run_batch or (
-            CPU_RUN_BATCH if self.providers == ["CPUExecutionProvider"] else 0
-        )
+        cpu_only = self.providers == ["CPUExecutionProvider"]
+        self.run_batch = self.config.run_batch or (CPU_RUN_BATCH if cpu_only else 0)
+        self._text_run_batch = self.run_batch
         self._sessions: dict[str, Any] = {}
         for tower in model.manifest.towers if towers is None else towers:
             if tower not in model.manifest.towers:
@@ -112,14 +118,31 @@ class OnnxRuntime(Runtime):
             tok = model.manifest.tokenizer
             assert tok is not None and model.vocab_path is not None
             self._tokenizer = ClipTokenizer(model.vocab_path, context_length=tok.context_length)
+        if cpu_only and not self.config.run_batch and "image" in self._sessions:
+            self.run_batch = self._tune_image_run_batch()
+
+    def _tune_image_run_batch(self) -> int:
+        threads = self.config.intra_op_threads or "default"
+        zeros = np.zeros((1, self._channels, *self._size), np.float32)
+        best, seconds = tune_run_batch(lambda n: self._run_once("image", zeros.repeat(n, 0)))
+        log.info(
+            "%s: image tower runs %d row(s) at a time on %s intra-op thread(s) (ms per row: %s)",
+            self.model.name,
+            best,
+            threads,
+            ", ".join(f"{n}: {1000 * s / n:.2f}" for n, s in seconds.items()),
+        )
+        return best
 
     @property
     def has_text(self) -> bool:
         return "text" in self._sessions
 
     def _run(self, tower: str, feed: np.ndarray) -> Embeddings:
-        """``feed`` through ``tower``, in slices of at most ``run_batch`` rows."""
-        return in_slices(lambda rows: self._run_once(tower, rows), feed, self.run_batch)
+        """``feed`` through ``tower``, in slices of at most ``run_batch`` rows (the text
+        tower: ``_text_run_batch``)."""
+        step = self.run_batch if tower == "image" else self._text_run_batch
+        return in_slices(lambda rows: self._run_once(tower, rows), feed, step)
 
     def _run_once(self, tower: str, feed: np.ndarray) -> Embeddings:
         spec = self.model.manifest.towers[tower]

@@ -46,7 +46,7 @@ def test_flags(tmp_path: Path) -> None:
     env = {"PROTOSERVE_PORT": "7", "PROTOSERVE_MAX_QUEUE": "9", "PROTOSERVE_MODEL_INSTANCES": "2"}
     cfg = config_from_args(args, env=env)
     assert (cfg.port, cfg.max_classes_per_collection, cfg.max_queue) == (0, 5, 9)
-    assert cfg.model_instances == 2 and ServerConfig(model_repo=MODELS).model_instances == 1
+    assert cfg.model_instances == 2 and ServerConfig(model_repo=MODELS).model_instances == 0
 
 
 @pytest.mark.parametrize(
