@@ -83,6 +83,12 @@ def test_offline_bench() -> None:
     assert "| server (gRPC) | 8 | 2 |" in out and "| in-process | 8 | 2 |" in out
 
 
+@pytest.mark.slow
+def test_contention_bench() -> None:
+    out = run_bench("bench/contention.py", "--seconds", "0.2", "--batch", "1")
+    assert "| every 2 ms | 1 |" in out and "2 sessions x 1 thread" in out
+
+
 def test_grpc_overhead_bench() -> None:
     out = run_bench(
         "bench/grpc_overhead.py", "--seconds", "0.2", "--concurrency", "2", "--rounds", "1",
