@@ -189,7 +189,7 @@ class Pipeline:
                     folder = self.models.get(name)
                 except KeyError as e:
                     raise NotFound(str(e.args[0])) from e
-                runtime = OnnxRuntime(folder, self._onnx_config)
+                runtime = OnnxRuntime(folder, self._wide_config())
                 n = self._instances(runtime)
                 narrow = self._narrow(folder, n) if n > 1 else None
                 m = _Model(folder, runtime, self.options, narrow=narrow, instances=n)
@@ -204,10 +204,19 @@ class Pipeline:
         on_cpu = runtime.providers == ["CPUExecutionProvider"]
         return 2 if on_cpu and _cores() >= 2 else 1
 
+    def _wide_config(self) -> OnnxConfig:
+        """The configured onnxruntime settings; automatic threads (0) become the CPUs this
+        process may run on (onnxruntime's own default counts the machine's cores, so under
+        ``taskset`` or a container's cpuset it would start more threads than it has CPUs)."""
+        config = self._onnx_config or OnnxConfig()
+        if config.intra_op_threads == 0:
+            config = replace(config, intra_op_threads=_cores())
+        return config
+
     def _narrow(self, folder: ModelFolder, n: int) -> Runtime:
         """The image tower again, on cores / ``n`` threads, for batches that run side by side."""
         threads = max(1, _cores() // n)
-        config = replace(self._onnx_config or OnnxConfig(), intra_op_threads=threads)
+        config = replace(self._wide_config(), intra_op_threads=threads)
         return OnnxRuntime(folder, config, towers=("image",))
 
     def batcher_stats(self) -> list[BatcherStats]:

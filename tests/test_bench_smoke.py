@@ -83,6 +83,19 @@ def test_offline_bench() -> None:
     assert "| server (gRPC) | 8 | 2 |" in out and "| in-process | 8 | 2 |" in out
 
 
+@needs_run
+@pytest.mark.slow
+def test_shards_bench() -> None:
+    if shutil.which("h2load") is None or shutil.which("taskset") is None:
+        pytest.skip("needs h2load (make bench-tools) and taskset")
+    out = run_bench(
+        "bench/shards.py", "--shards", "1", "--rounds", "1", "--seconds", "1",
+        "--concurrency", "4", "--ceiling-seconds", "0.5",
+    )  # fmt: skip
+    row = next(line for line in out.splitlines() if line.startswith("| 1 |"))
+    assert "failed calls" not in row and row.count("%") == 2
+
+
 @pytest.mark.slow
 def test_contention_bench() -> None:
     out = run_bench("bench/contention.py", "--seconds", "0.2", "--batch", "1")

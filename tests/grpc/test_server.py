@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,8 +229,8 @@ def test_two_model_instances_answer_concurrent_clients_alike(tmp_path: Path) -> 
 
 
 def test_model_instances_automatic_and_one(tmp_path: Path) -> None:
-    """0 (automatic): 2 instances for a model on the CPU of a 2+ core machine; 1 (the
-    default): no second copy of the tower."""
+    """0 (automatic, the default): 2 instances for a model on the CPU of a 2+ core machine;
+    1: no second copy of the tower."""
     for setting, want in ((0, 2 if len(os.sched_getaffinity(0)) >= 2 else 1), (1, 1)):
         r = Running(tmp_path / f"data{setting}", model_instances=setting)
         try:
@@ -235,3 +238,27 @@ def test_model_instances_automatic_and_one(tmp_path: Path) -> None:
             assert m.batcher.instances == want and (m.narrow is None) == (want == 1)
         finally:
             r.close()
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset")
+def test_threads_follow_the_cpus_the_process_may_use(tmp_path: Path) -> None:
+    """Under ``taskset -c 0`` the automatic settings give one instance on one thread
+    (onnxruntime's own default counts the machine's cores, not the process's CPUs)."""
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from server.model_repo import ModelRepository\n"
+        "from server.pipeline import Pipeline, PipelineOptions\n"
+        "from server.registry import Registry\n"
+        "reg = Registry.open(Path(sys.argv[1]))\n"
+        "opts = PipelineOptions(model_instances=0)\n"
+        "p = Pipeline(reg, ModelRepository(Path(sys.argv[2])), opts)\n"
+        f"m = p.model({MODEL!r})\n"
+        "print(m.batcher.instances, m.runtime.config.intra_op_threads)\n"
+        "p.close()\n"
+    )
+    argv = ["taskset", "-c", "0", sys.executable, "-c", code, str(tmp_path / "d")]
+    out = subprocess.run(
+        [*argv, str(ROOT / "models")], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "1"]
