@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from server.imaging import Preprocessor
-from server.imaging.transform import ink_square
+from server.imaging.transform import _without_specks, ink_square
 from tests.imaging.helpers import config
 
 
@@ -122,3 +122,21 @@ def test_manifest_form_names_the_margin_only_for_the_ink_crop() -> None:
     ink = config(size=[8, 8], resize="squash", crop="ink", ink_margin=0.3)
     assert ink.to_dict()["ink_margin"] == 0.3 and type(ink).from_dict(ink.to_dict()) == ink
     assert "ink_margin" not in config(size=[8, 8], resize="squash", crop="none").to_dict()
+
+
+def test_without_specks_matches_counting_the_8_neighbours() -> None:
+    """The two-pass 3x3 sums against the definition: keep ink with any of its 8 neighbours."""
+    rng = np.random.default_rng(5)
+    cases = [rng.random((h, w)) < p for h, w in ((105, 105), (7, 3), (1, 9)) for p in (0.02, 0.3)]
+    cases += [np.zeros((4, 4), bool), np.eye(6, dtype=bool), np.ones((1, 1), bool)]
+    for ink in cases:
+        h, w = ink.shape
+        padded = np.pad(ink, 1)
+        neighbours = sum(
+            padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w].astype(int)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if (dy, dx) != (0, 0)
+        )
+        kept = ink & (neighbours > 0)
+        np.testing.assert_array_equal(_without_specks(ink), kept if kept.any() else ink)
