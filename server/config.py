@@ -165,6 +165,29 @@ def _read_file(path: Path) -> dict[str, Any]:
     return dict(data)
 
 
+_HELP = {
+    "host": "address to listen on",
+    "port": "gRPC port (0: any free port)",
+    "data_dir": "where the SQLite database (collections, classes, supports) lives",
+    "model_repo": "the model repository (one folder per model)",
+    "metrics_port": "Prometheus /metrics on this HTTP port (0: off)",
+    "max_batch_size": "images per model run at most (1: batching off)",
+    "max_delay_ms": "how long a request may wait to fill a batch (0: run when the model is free)",
+    "max_queue": "images waiting per model; beyond it: RESOURCE_EXHAUSTED",
+    "workers": "gRPC handler threads",
+    "model_instances": "batches of one model running at once (0: automatic, 2 on a CPU with 2+ "
+    "cores, else 1)",
+    "run_batch": "rows per onnxruntime run (0: measured at load on the CPU, the whole batch on "
+    "a GPU)",
+    "decode_threads": "threads decoding the images of one request",
+    "max_message_bytes": "largest gRPC message, in or out",
+    "max_images_per_request": "images (or texts) per request at most",
+    "max_pixels": "pixels per image at most, checked before decoding",
+    "max_classes_per_collection": "classes per collection at most",
+    "grace_s": "seconds in-flight requests get to finish on SIGTERM",
+}
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config FILE`` and one ``--flag-name`` per setting (default ``None``: not given)."""
     parser.add_argument("--config", type=Path, default=None, help="a .toml or .json config file")
@@ -176,7 +199,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             dest=name,
             type=types[kind],
             default=None,
-            help=f"(env {ENV_PREFIX}{name.upper()}; default {default})",
+            help=f"{_HELP.get(name, '')} (env {ENV_PREFIX}{name.upper()}; default {default})",
         )
 
 

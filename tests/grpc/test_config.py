@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, ServerConfig, add_serve_arguments, config_from_args
+from server.config import (
+    _FIELDS,
+    ConfigError,
+    ServerConfig,
+    add_serve_arguments,
+    config_from_args,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = str(ROOT / "models")
@@ -86,3 +92,12 @@ def test_missing_or_unsupported_file(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("port: 1\n")
     with pytest.raises(ConfigError, match="toml or .json"):
         ServerConfig.load(tmp_path / "c.yaml")
+
+
+def test_every_flag_says_what_it_does() -> None:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    flags = [a for a in parser._actions if a.dest in _FIELDS]
+    assert len(flags) == len(_FIELDS)
+    for action in flags:
+        assert action.help and not action.help.startswith(" ("), action.dest
