@@ -40,12 +40,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import resource
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -63,6 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from h2load_client import grpc_errors, h2load_path, run_h2load  # noqa: E402
+from server_process import free_port, server_process  # noqa: E402
 from serving_visibility import measure_visibility  # noqa: E402
 
 from server.client import ProtoserveClient  # noqa: E402
@@ -197,14 +194,8 @@ def server_flags(batching: bool, args: argparse.Namespace, data_dir: Path) -> di
         "workers": args.workers,
         "model_instances": args.model_instances,
         "grace_s": 2.0,
-        "metrics_port": _free_port(),
+        "metrics_port": free_port(),
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -215,7 +206,8 @@ def running_server(batching: bool, args: argparse.Namespace) -> Iterator[tuple[s
     flags = server_flags(batching, args, tmp / "data")
     try:
         if args.server_process:
-            yield from _subprocess_server(flags, tmp)
+            with server_process(flags, tmp) as served:
+                yield served
         else:
             from server.config import ServerConfig
             from server.grpc.app import build_server
@@ -230,37 +222,6 @@ def running_server(batching: bool, args: argparse.Namespace) -> Iterator[tuple[s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _subprocess_server(flags: dict[str, object], tmp: Path) -> Iterator[tuple[str, str]]:
-    cmd = [sys.executable, "-m", "server.grpc.app"]
-    for name, value in flags.items():
-        cmd += ["--" + name.replace("_", "-"), str(value)]
-    out_path, err_path = tmp / "server.out", tmp / "server.err"
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + 60
-        port = None
-        while port is None:
-            match = re.search(r"listening on [\d.]+:(\d+)", out_path.read_text())
-            if match:
-                port = int(match.group(1))
-            elif proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{err_path.read_text()[-2000:]}")
-            else:
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{flags['metrics_port']}/metrics"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.returncode not in (0, -signal.SIGTERM):
-            print(f"warning: server exited {proc.returncode}", file=sys.stderr)
-
-
 def setup_collection(target: str) -> None:
     with ProtoserveClient(target) as c:
         c.create_collection(COLLECTION, model=MODEL)
@@ -271,7 +232,7 @@ def setup_collection(target: str) -> None:
 # -- load ---------------------------------------------------------------------------------------
 async def _load(
     target: str, payload: bytes, concurrency: int, seconds: float
-) -> tuple[int, list[float], int, int]:
+) -> tuple[int, list[float], int]:
     """(measured calls, their latencies, errors) from the asyncio client."""
     async with grpc.aio.insecure_channel(
         target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]

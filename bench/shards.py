@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +38,7 @@ if str(ROOT) not in sys.path:
 
 import serving  # noqa: E402  (bench/serving.py: ceiling, run01 collection, payload)
 from h2load_client import H2Run, grpc_errors, h2load_path, run_h2load  # noqa: E402
+from server_process import free_port, server_process  # noqa: E402
 
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb  # noqa: E402
 
@@ -49,36 +47,15 @@ from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb  # noqa: E402
 def server(cpus: list[int] | None, tmp: Path) -> Iterator[tuple[str, str]]:
     """A server subprocess (pinned to ``cpus``: one model instance); its address and metrics
     URL, with run01 registered."""
-    metrics_port = serving._free_port()
-    cmd = [sys.executable, "-m", "server.grpc.app", "--host", "127.0.0.1", "--port", "0"]
-    cmd += ["--data-dir", str(tmp / "data"), "--model-repo", str(ROOT / "models")]
-    cmd += ["--workers", "64", "--metrics-port", str(metrics_port)]
+    flags: dict[str, object] = {"host": "127.0.0.1", "port": 0, "data_dir": tmp / "data"}
+    flags.update(model_repo=ROOT / "models", workers=64, metrics_port=free_port())
+    prefix: list[str] = []
     if cpus is not None:
-        cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd, "--model-instances", "1"]
-    tmp.mkdir(parents=True, exist_ok=True)
-    out = tmp / "server.out"
-    with open(out, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.DEVNULL)
-    try:
-        port = None
-        while port is None:
-            m = re.search(r"listening on [\d.]+:(\d+)", out.read_text())
-            if m:
-                port = m.group(1)
-            elif proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {out.read_text()[-2000:]}")
-            else:
-                threading.Event().wait(0.05)
-        target = f"127.0.0.1:{port}"
-        serving.setup_collection(target)
-        yield target, f"http://127.0.0.1:{metrics_port}/metrics"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        prefix = ["taskset", "-c", ",".join(map(str, cpus))]
+        flags["model_instances"] = 1
+    with server_process(flags, tmp, prefix) as served:
+        serving.setup_collection(served[0])
+        yield served
 
 
 def load(

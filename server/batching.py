@@ -296,9 +296,9 @@ class DynamicBatcher(Generic[T, R]):
                             collected.append(r)
                         else:
                             deliver(produced, r)
-                            with self._cond:
+                            streamed += 1
+                            with self._cond:  # the shares of _next_batch count on it
                                 self._unanswered -= 1
-                                streamed += 1
                     produced += 1
                 results = collected
             else:

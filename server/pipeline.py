@@ -14,7 +14,6 @@ normalised neighbour votes themselves for ``knn``.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,7 +49,7 @@ from server.registry import (
     image_hash,
 )
 from server.registry.records import METHODS, Method
-from server.runtimes.base import Runtime
+from server.runtimes.base import Runtime, available_cpus
 from server.runtimes.onnx_rt import OnnxConfig, OnnxRuntime
 
 __all__ = [
@@ -148,7 +147,7 @@ class _Model:
             runtime = self.runtime
             if self.narrow is not None and self.batcher.load() != (1, 0):
                 runtime = self.narrow  # other batches run or wait: share the cores out
-            step = getattr(runtime, "run_batch", 0) or len(items)
+            step = runtime.run_batch or len(items)
             yield from runtime.encode_images(np.stack(items[i : i + step]))
             i += step
 
@@ -189,7 +188,7 @@ class Pipeline:
                     folder = self.models.get(name)
                 except KeyError as e:
                     raise NotFound(str(e.args[0])) from e
-                runtime = OnnxRuntime(folder, self._wide_config())
+                runtime = OnnxRuntime(folder, self._onnx_config)
                 n = self._instances(runtime)
                 narrow = self._narrow(folder, n) if n > 1 else None
                 m = _Model(folder, runtime, self.options, narrow=narrow, instances=n)
@@ -202,21 +201,12 @@ class Pipeline:
         if self.options.model_instances > 0:
             return self.options.model_instances
         on_cpu = runtime.providers == ["CPUExecutionProvider"]
-        return 2 if on_cpu and _cores() >= 2 else 1
-
-    def _wide_config(self) -> OnnxConfig:
-        """The configured onnxruntime settings; automatic threads (0) become the CPUs this
-        process may run on (onnxruntime's own default counts the machine's cores, so under
-        ``taskset`` or a container's cpuset it would start more threads than it has CPUs)."""
-        config = self._onnx_config or OnnxConfig()
-        if config.intra_op_threads == 0:
-            config = replace(config, intra_op_threads=_cores())
-        return config
+        return 2 if on_cpu and available_cpus() >= 2 else 1
 
     def _narrow(self, folder: ModelFolder, n: int) -> Runtime:
         """The image tower again, on cores / ``n`` threads, for batches that run side by side."""
-        threads = max(1, _cores() // n)
-        config = replace(self._wide_config(), intra_op_threads=threads)
+        threads = max(1, available_cpus() // n)
+        config = replace(self._onnx_config or OnnxConfig(), intra_op_threads=threads)
         return OnnxRuntime(folder, config, towers=("image",))
 
     def batcher_stats(self) -> list[BatcherStats]:
@@ -464,13 +454,6 @@ class Pipeline:
             coll, index, chosen, queries, m.logit_scale, self.options.knn_k, transductive
         )
         return Distribution(coll, labels, probs, scores, queries)
-
-
-def _cores() -> int:
-    """CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _unit(x: FloatArray) -> FloatArray:

@@ -8,6 +8,7 @@ Text goes through the model's own tokenizer inside the runtime.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -37,6 +38,8 @@ class Runtime(ABC):
 
     #: embedding width of both towers
     dim: int
+    #: image rows per backend run (larger batches run in slices of this many); 0: no limit
+    run_batch: int = 0
 
     @property
     @abstractmethod
@@ -59,6 +62,13 @@ class Runtime(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity: ``taskset``, a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def check_pixels(pixels: Pixels, channels: int, size: tuple[int, int]) -> Pixels:

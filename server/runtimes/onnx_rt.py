@@ -29,6 +29,7 @@ from server.runtimes.base import (
     Runtime,
     RuntimeError_,
     UnsupportedTower,
+    available_cpus,
     check_output,
     check_pixels,
     in_slices,
@@ -47,7 +48,7 @@ class OnnxConfig:
     """How to run the towers. ``providers``: "auto" or an explicit list."""
 
     providers: tuple[str, ...] | str = "auto"
-    intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
+    intra_op_threads: int = 0  # 0: the CPUs this process may run on
     inter_op_threads: int = 1
     run_batch: int = 0  # rows per session run; 0: measured on the CPU provider alone, else whole
 
@@ -94,7 +95,10 @@ class OnnxRuntime(Runtime):
         self._channels = 1 if pre.get("channels") == "L" else 3
         self._size = (int(pre["size"][0]), int(pre["size"][1]))
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.config.intra_op_threads
+        # Automatic (0) is counted here: onnxruntime's own default counts the machine's cores,
+        # so under taskset or a container's cpuset it would start more threads than CPUs.
+        self.intra_op_threads = self.config.intra_op_threads or available_cpus()
+        opts.intra_op_num_threads = self.intra_op_threads
         opts.inter_op_num_threads = self.config.inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = pick_providers(self.config.providers)
@@ -122,14 +126,13 @@ class OnnxRuntime(Runtime):
             self.run_batch = self._tune_image_run_batch()
 
     def _tune_image_run_batch(self) -> int:
-        threads = self.config.intra_op_threads or "default"
         zeros = np.zeros((1, self._channels, *self._size), np.float32)
         best, seconds = tune_run_batch(lambda n: self._run_once("image", zeros.repeat(n, 0)))
         log.info(
             "%s: image tower runs %d row(s) at a time on %s intra-op thread(s) (ms per row: %s)",
             self.model.name,
             best,
-            threads,
+            self.intra_op_threads,
             ", ".join(f"{n}: {1000 * s / n:.2f}" for n, s in seconds.items()),
         )
         return best

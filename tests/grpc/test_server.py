@@ -253,7 +253,7 @@ def test_threads_follow_the_cpus_the_process_may_use(tmp_path: Path) -> None:
         "opts = PipelineOptions(model_instances=0)\n"
         "p = Pipeline(reg, ModelRepository(Path(sys.argv[2])), opts)\n"
         f"m = p.model({MODEL!r})\n"
-        "print(m.batcher.instances, m.runtime.config.intra_op_threads)\n"
+        "print(m.batcher.instances, m.runtime.intra_op_threads)\n"
         "p.close()\n"
     )
     argv = ["taskset", "-c", "0", sys.executable, "-c", code, str(tmp_path / "d")]
