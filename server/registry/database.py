@@ -10,7 +10,10 @@ Concurrency: all writes go through one connection behind a lock (SQLite has one 
 time anyway); reads use a small pool of other connections, and WAL lets them read a consistent
 snapshot while a write is in progress, so readers and the writer never block each other.
 A lock file (``registry.lock``, ``flock``) stops a second process - or a second ``Store`` in
-this one - from opening the same data dir.
+this one - from opening the same data dir. ``shared=True`` takes that lock shared instead: the
+processes of one multi-process server open the data dir together, each following the others'
+changes through the change log (``server.registry.changes``); a store that does not follow
+(``shared=False``, the single-process server) still needs the data dir to itself.
 """
 
 from __future__ import annotations
@@ -39,13 +42,22 @@ class Database:
     ``_write()`` and ``_read()`` hand out transactions; thread-safe.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, busy_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        busy_timeout_s: float = 10.0,
+        shared: bool = False,
+    ) -> None:
         self.data_dir = Path(data_dir)
+        self.shared = shared
         self.path = self.data_dir / DB_FILENAME
         self._busy_ms = int(busy_timeout_s * 1000)
         self._write_lock = threading.Lock()
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
+        self._watch_lock = threading.Lock()
+        self._watch: sqlite3.Connection | None = None
         self._closed = False
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._take_dir_lock()
@@ -70,11 +82,16 @@ class Database:
     def _take_dir_lock(self) -> int:
         fd = os.open(self.data_dir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise FailedPrecondition(
-                f"data dir {self.data_dir} is already in use by another registry store"
+                f"data dir {self.data_dir} is already in use by another registry store "
+                + (
+                    "that needs it alone (a single-process server)"
+                    if self.shared
+                    else "(another server, or the processes of a multi-process one)"
+                )
             ) from None
         return fd
 
@@ -126,19 +143,30 @@ class Database:
                 else:
                     self._idle.append(conn)
 
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` on a connection of its own: it changes whenever any
+        other connection - this process's writer or another process - commits (a few us)."""
+        with self._watch_lock:
+            self._check_open()
+            if self._watch is None:
+                self._watch = self._connect()
+            return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
+
     def schema_version(self) -> int:
         with self._read() as conn:
             return int(conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0])
 
     def close(self) -> None:
         """Closes every connection and releases the data dir. Idempotent."""
-        with self._write_lock, self._pool_lock:
+        with self._write_lock, self._pool_lock, self._watch_lock:
             if self._closed:
                 return
             self._closed = True
             for conn in self._idle:
                 conn.close()
             self._idle.clear()
+            if self._watch is not None:
+                self._watch.close()
             self._writer.close()
             os.close(self._lock_fd)
 

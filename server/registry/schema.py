@@ -1,6 +1,6 @@
 """The registry's SQL schema: the migrations that create it and the row-to-record mapping.
 
-Schema (version 1; applied versions are recorded in ``schema_migrations``)::
+Schema (version 2; applied versions are recorded in ``schema_migrations``)::
 
     collections  id, name UNIQUE, model, method, metric, threshold NULL,
                  hybrid_alpha, hybrid_beta, dim NULL (fixed by the first support), created_at
@@ -11,6 +11,12 @@ Schema (version 1; applied versions are recorded in ``schema_migrations``)::
                  dim, embedding BLOB (little-endian float32, CHECK length = 4 * dim), created_at
     text_prompts support_id -> supports ON DELETE CASCADE, templates (JSON list of the
                  format strings a text support was expanded with into its ensemble embedding)
+
+Version 2 adds the change log that lets several server processes share one data dir
+(``server.registry.changes``)::
+
+    changes      seq (AUTOINCREMENT: commit order), op, collection_id, collection (name),
+                 class_id NULL, support_ids (JSON list), at
 
 Ids use AUTOINCREMENT: a deleted class or support id is never handed out again, so a client
 holding a stale id cannot remove someone else's support.
@@ -81,6 +87,23 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             """CREATE TABLE text_prompts (
                 support_id INTEGER PRIMARY KEY REFERENCES supports(id) ON DELETE CASCADE,
                 templates  TEXT NOT NULL
+            )""",
+        ),
+    ),
+    (
+        2,
+        "changes: the log other server processes follow",
+        (
+            """CREATE TABLE changes (
+                seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+                op            TEXT    NOT NULL CHECK (op IN ('create_collection',
+                              'delete_collection', 'add_supports', 'remove_support',
+                              'remove_class')),
+                collection_id INTEGER NOT NULL,
+                collection    TEXT    NOT NULL,
+                class_id      INTEGER,
+                support_ids   TEXT    NOT NULL DEFAULT '[]',
+                at            REAL    NOT NULL
             )""",
         ),
     ),

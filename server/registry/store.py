@@ -12,9 +12,11 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from server.registry import changes
 from server.registry.database import DB_FILENAME, Database
 from server.registry.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from server.registry.records import (
@@ -105,7 +107,9 @@ class Store(Database):
                     time.time(),
                 ),
             )
-            return self._collection_row(conn, spec.name)
+            coll = self._collection_row(conn, spec.name)
+            changes.record(conn, "create_collection", coll.id, coll.name)
+            return coll
 
     def get_collection(self, name: str) -> Collection:
         with self._read() as conn:
@@ -121,6 +125,7 @@ class Store(Database):
         with self._write() as conn:
             coll = self._collection_row(conn, name)
             conn.execute("DELETE FROM collections WHERE id = ?", (coll.id,))
+            changes.record(conn, "delete_collection", coll.id, coll.name)
             return coll
 
     # -- classes and supports ---------------------------------------------------------------
@@ -166,6 +171,9 @@ class Store(Database):
             marks = ",".join("?" * len(ids))
             rows = conn.execute(SUPPORT_SELECT + f" WHERE s.id IN ({marks}) ORDER BY s.id", ids)
             added = tuple(support_from_row(r) for r in rows)
+            changes.record(
+                conn, "add_supports", coll.id, coll.name, class_id=class_id, support_ids=ids
+            )
             return Registration(
                 self._collection_row(conn, collection), class_id, label, created, added
             )
@@ -215,6 +223,14 @@ class Store(Database):
                     f"collection {collection!r}; remove the class instead"
                 )
             conn.execute("DELETE FROM supports WHERE id = ?", (sup.id,))
+            changes.record(
+                conn,
+                "remove_support",
+                coll.id,
+                coll.name,
+                class_id=sup.class_id,
+                support_ids=[sup.id],
+            )
             return sup
 
     def remove_class(self, collection: str, label: str) -> ClassInfo:
@@ -223,6 +239,7 @@ class Store(Database):
             coll = self._collection_row(conn, collection)
             info = self._class_info(conn, coll, label)
             conn.execute("DELETE FROM classes WHERE id = ?", (info.id,))
+            changes.record(conn, "remove_class", coll.id, coll.name, class_id=info.id)
             return info
 
     def get_class(self, collection: str, label: str) -> ClassInfo:
@@ -259,6 +276,39 @@ class Store(Database):
                 (coll.id,),
             )
             while rows := cur.fetchmany(batch):
-                for sid, cid, label, kind, blob in rows:
-                    vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-                    yield EmbeddingRow(sid, cid, label, kind, vec)
+                yield from map(_embedding_row, rows)
+
+    # -- the change log (server.registry.changes) ---------------------------------------------
+    def latest_change(self) -> int:
+        """The seq of the last committed change (0: none)."""
+        with self._read() as conn:
+            return changes.latest(conn)
+
+    def changes_since(self, seq: int) -> tuple[list[changes.Change], bool]:
+        """The changes committed after ``seq``, and whether the log still holds all of them."""
+        with self._read() as conn:
+            return changes.since(conn, seq)
+
+    def embeddings_by_id(
+        self, collection_id: int, support_ids: Sequence[int]
+    ) -> list[EmbeddingRow]:
+        """The supports among ``support_ids`` that still exist in collection ``collection_id``
+        (by id, so a re-created collection of the same name does not match), in id order."""
+        ids = [int(i) for i in support_ids]
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT s.id, s.class_id, c.label, s.kind, s.embedding FROM supports s "
+                "JOIN classes c ON c.id = s.class_id "
+                f"WHERE c.collection_id = ? AND s.id IN ({marks}) ORDER BY s.id",
+                (int(collection_id), *ids),
+            ).fetchall()
+        return [_embedding_row(r) for r in rows]
+
+
+def _embedding_row(row: Any) -> EmbeddingRow:
+    """``(support id, class id, label, kind, embedding blob)`` -> a float32 ``EmbeddingRow``."""
+    sid, cid, label, kind, blob = row
+    return EmbeddingRow(sid, cid, label, kind, np.frombuffer(blob, dtype="<f4").astype(np.float32))

@@ -309,7 +309,7 @@ def test_reopen_keeps_everything(tmp_path: Path) -> None:
         s.create_collection(CollectionSpec("pets", "m", threshold=0.5))
         reg = s.add_supports("pets", "cat", [img(1), img(2)])
     with Store(tmp_path) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 1
+        assert s.schema_version() == SCHEMA_VERSION == 2
         assert s.get_collection("pets").threshold == 0.5
         assert [x.id for x in s.list_supports("pets", "cat")] == [x.id for x in reg.supports]
 
@@ -318,7 +318,10 @@ def test_wal_and_full_sync(store: Store) -> None:
     with raw(store) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         rows = conn.execute("SELECT version, description FROM schema_migrations").fetchall()
-        assert rows == [(1, "collections, classes, supports, text_prompts")]
+        assert rows == [
+            (1, "collections, classes, supports, text_prompts"),
+            (2, "changes: the log other server processes follow"),
+        ]
     assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert store._writer.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
@@ -326,13 +329,39 @@ def test_wal_and_full_sync(store: Store) -> None:
 def test_one_store_per_data_dir(store: Store) -> None:
     with pytest.raises(FailedPrecondition, match="already in use"):
         Store(store.data_dir)
+    with pytest.raises(FailedPrecondition, match="that needs it alone"):
+        Store(store.data_dir, shared=True)
+
+
+def test_shared_stores_exclude_a_lone_one(tmp_path: Path) -> None:
+    with Store(tmp_path, shared=True), Store(tmp_path, shared=True):
+        with pytest.raises(FailedPrecondition, match="multi-process"):
+            Store(tmp_path)
+    Store(tmp_path).close()
+
+
+def test_a_version_1_data_dir_is_migrated(tmp_path: Path) -> None:
+    """A data dir written before the change log (schema 1) opens, keeps its rows, gains the log."""
+    with Store(tmp_path) as s:
+        s.create_collection(CollectionSpec("pets", "m"))
+        s.add_supports("pets", "cat", [img(1)])
+    with sqlite3.connect(tmp_path / DB_FILENAME) as conn:
+        conn.execute("DROP TABLE changes")
+        conn.execute("DELETE FROM sqlite_sequence WHERE name = 'changes'")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 2")
+    with Store(tmp_path) as s:
+        assert s.schema_version() == 2
+        assert [c.label for c in s.list_classes("pets")] == ["cat"]
+        assert s.latest_change() == 0
+        s.add_supports("pets", "dog", [img(2)])
+        assert s.latest_change() == 1
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     Store(tmp_path).close()
     with sqlite3.connect(tmp_path / DB_FILENAME) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (7, 'future', 0)")
-    with pytest.raises(FailedPrecondition, match="schema version 7, newer than this build's 1"):
+    with pytest.raises(FailedPrecondition, match="schema version 7, newer than this build's 2"):
         Store(tmp_path)
     with sqlite3.connect(tmp_path / DB_FILENAME) as conn:
         conn.execute("DELETE FROM schema_migrations WHERE version = 7")
