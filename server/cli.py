@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"protoserve serve: {e}", file=sys.stderr)
         return 2
-    return serve(cfg)
+    return serve(cfg, (args.log_format, args.log_level))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,10 @@ class ServerConfig:
     # CPU batch past the caches is up to 9x slower per image). 0: on the CPU, the image
     # tower's fastest of 1, 2, 4 and 8, measured at load (server.runtimes.run_batch); else whole.
     run_batch: int = 0
+    # Server processes on one port (SO_REUSEPORT), each pinned to its share of the CPUs and
+    # following the others' registrations through the database (server.grpc.processes).
+    # 0: one per CPU. 1 (default): one process.
+    processes: int = 1
     decode_threads: int = 4
     max_message_bytes: int = 64 * 1024 * 1024
     max_images_per_request: int = 256
@@ -86,7 +90,7 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("model_instances", "run_batch"):
+        for name in ("model_instances", "run_batch", "processes"):
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ConfigError(f"{name} must be an integer >= 0 (0: automatic), got {n!r}")
@@ -179,6 +183,7 @@ _HELP = {
     "cores, else 1)",
     "run_batch": "rows per onnxruntime run (0: measured at load on the CPU, the whole batch on "
     "a GPU)",
+    "processes": "server processes sharing the port and the data dir (0: one per CPU)",
     "decode_threads": "threads decoding the images of one request",
     "max_message_bytes": "largest gRPC message, in or out",
     "max_images_per_request": "images (or texts) per request at most",

@@ -35,16 +35,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def configure(fmt: str = "json", level: str = "INFO") -> None:
-    """Installs one stderr handler on the root logger (replacing earlier ones)."""
+def configure(fmt: str = "json", level: str = "INFO", *, worker: int | None = None) -> None:
+    """Installs one stderr handler on the root logger (replacing earlier ones). ``worker``:
+    the index of a multi-process server's worker, added to every record (``"worker": N``)."""
     if fmt not in ("json", "text"):
         raise ValueError(f"log format must be json or text, got {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
+    tag = "" if worker is None else f"[worker {worker}] "
     handler.setFormatter(
         JsonFormatter()
         if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        else logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s %(message)s")
     )
+    if worker is not None:
+        handler.addFilter(_WorkerTag(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class _WorkerTag(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True

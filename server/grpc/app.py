@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
@@ -33,7 +34,7 @@ from server.pipeline import Pipeline, PipelineOptions
 from server.registry import Registry
 from server.runtimes.onnx_rt import OnnxConfig
 
-__all__ = ["SERVICE_NAME", "ProtoserveServer", "build_server", "serve"]
+__all__ = ["SERVICE_NAME", "ProtoserveServer", "build_server", "serve", "wait_for_signal"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Protoserve"].full_name
@@ -83,10 +84,18 @@ class ProtoserveServer:
         return bool(self.grpc_server.wait_for_termination(timeout))
 
 
-def build_server(cfg: ServerConfig) -> tuple[ProtoserveServer, int]:
-    """A server bound to ``cfg.host:cfg.port`` (not started); the port actually bound."""
+def build_server(
+    cfg: ServerConfig, *, shared: bool = False, metrics_host: str | None = None
+) -> tuple[ProtoserveServer, int]:
+    """A server bound to ``cfg.host:cfg.port`` (not started); the port actually bound.
+
+    ``shared``: one worker of a multi-process server (``server.grpc.processes``): the registry
+    follows the other workers' changes, the port is shared (SO_REUSEPORT), and metrics, if on,
+    go to a free port on ``metrics_host`` for the supervisor to merge. A lone server binds its
+    port exclusively, so a second server on the same port fails instead of sharing it.
+    """
     models = ModelRepository(cfg.model_repo)
-    registry = Registry.open(cfg.data_dir)
+    registry = Registry.open(cfg.data_dir, shared=shared)
     try:
         pipeline = Pipeline(
             registry,
@@ -107,6 +116,7 @@ def build_server(cfg: ServerConfig) -> tuple[ProtoserveServer, int]:
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 1 if shared else 0),
         ]
         server = grpc.server(
             ThreadPoolExecutor(cfg.workers, thread_name_prefix="grpc"),
@@ -124,25 +134,48 @@ def build_server(cfg: ServerConfig) -> tuple[ProtoserveServer, int]:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        try:
+            port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError:  # grpc's "Failed to bind" (newer grpcio raise, older return 0)
+            port = 0
         if port == 0:
-            raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
+            raise OSError(f"cannot bind {cfg.host}:{cfg.port}: in use, or not an address here")
     except BaseException:
         registry.close()
         raise
-    address = (cfg.host, cfg.metrics_port) if cfg.metrics_port else None
+    address = None
+    if cfg.metrics_port:
+        address = (cfg.host, cfg.metrics_port) if metrics_host is None else (metrics_host, 0)
     return ProtoserveServer(server, pipeline, health_servicer, metrics, address), port
 
 
-def serve(cfg: ServerConfig) -> int:
-    """Runs until SIGINT/SIGTERM, then shuts down gracefully (``cfg.grace_s``)."""
+def serve(cfg: ServerConfig, log_cfg: tuple[str, str] = ("json", "INFO")) -> int:
+    """Runs until SIGINT/SIGTERM, then shuts down gracefully (``cfg.grace_s``).
+
+    With ``processes`` other than 1, as a supervisor of that many worker processes
+    (``server.grpc.processes``; ``log_cfg`` = (format, level) for their logs).
+    """
+    from server.grpc.processes import resolve_processes, serve_processes
+
+    n = resolve_processes(cfg)
+    if n > 1:
+        return serve_processes(cfg, n, log_cfg)
     server, port = build_server(cfg)
     server.start()
     log.info("protoserve listening on %s:%d (data %s)", cfg.host, port, cfg.data_dir)
     if server.metrics_port is not None:
         print(f"metrics on http://{cfg.host}:{server.metrics_port}/metrics", flush=True)
     print(f"protoserve listening on {cfg.host}:{port}", flush=True)
-    # A plain flag: Event.set() inside a signal handler can deadlock against the main thread's
+    signum = wait_for_signal()
+    log.info("signal %d: stopping (grace %.1f s)", signum, cfg.grace_s)
+    server.stop(cfg.grace_s)
+    return 0
+
+
+def wait_for_signal(poll: Callable[[], None] | None = None, every_s: float = 0.1) -> int:
+    """Blocks until SIGINT or SIGTERM (handlers installed here) and returns its number;
+    calls ``poll`` every ``every_s`` meanwhile (its exceptions propagate)."""
+    # A plain list: Event.set() inside a signal handler can deadlock against the main thread's
     # own Event.wait() (both take the event's non-reentrant lock).
     stopping: list[int] = []
 
@@ -152,10 +185,10 @@ def serve(cfg: ServerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     while not stopping:
-        time.sleep(0.1)
-    log.info("signal %d: stopping (grace %.1f s)", stopping[0], cfg.grace_s)
-    server.stop(cfg.grace_s)
-    return 0
+        time.sleep(every_s)
+        if poll is not None and not stopping:
+            poll()
+    return stopping[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +72,48 @@ class Running:
     def close(self) -> None:
         self.channel.close()
         self.server.stop(grace=5)
+
+
+class Subprocess:
+    """``python -m server.grpc.app`` on a free port over ``data_dir`` (log beside it)."""
+
+    def __init__(self, data_dir: Path, *flags: str) -> None:
+        cmd = [sys.executable, "-m", "server.grpc.app", "--port", "0", "--workers", "16"]
+        cmd += ["--data-dir", str(data_dir), "--model-repo", str(ROOT / "models"), *flags]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.log = data_dir.parent / "server.log"
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+            )
+        assert self.proc.stdout is not None
+        self.metrics_url: str | None = None
+        match, line = None, ""
+        for line in self.proc.stdout:
+            if line.startswith("metrics on "):
+                self.metrics_url = line.split()[-1]
+            match = re.search(r"listening on [\d.]+:(\d+)", line)
+            if match:
+                break
+        assert match, f"server did not start: {line!r}\n{self.log.read_text()[-3000:]}"
+        self.address = f"127.0.0.1:{match.group(1)}"
+
+    def stub(self) -> tuple[grpc.Channel, pb_grpc.ProtoserveStub]:
+        """A channel on a connection of its own (not shared with other channels)."""
+        channel = grpc.insecure_channel(
+            self.address, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        return channel, pb_grpc.ProtoserveStub(channel)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(30) == 0, self.log.read_text()[-3000:]
 
 
 def free_port() -> int:

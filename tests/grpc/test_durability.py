@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,42 +10,10 @@ import grpc
 import pytest
 
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
-from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
-from tests.grpc.support import RUN, create, needs_run, register, training_images
+from tests.grpc.support import RUN, Subprocess, create, needs_run, register, training_images
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = needs_run
-
-
-class Subprocess:
-    def __init__(self, data_dir: Path) -> None:
-        cmd = [sys.executable, "-m", "server.grpc.app", "--port", "0", "--workers", "16"]
-        cmd += ["--data-dir", str(data_dir), "--model-repo", str(ROOT / "models")]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.log = data_dir.parent / "server.log"
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
-            )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        match = re.search(r"listening on [\d.]+:(\d+)", line)
-        assert match, f"server did not start: {line!r}"
-        self.address = f"127.0.0.1:{match.group(1)}"
-
-    def stub(self) -> tuple[grpc.Channel, pb_grpc.ProtoserveStub]:
-        channel = grpc.insecure_channel(self.address)
-        return channel, pb_grpc.ProtoserveStub(channel)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(30) == 0, self.log.read_text()[-3000:]
 
 
 def test_sigkill_mid_burst_keeps_every_acknowledged_support(tmp_path: Path) -> None:
