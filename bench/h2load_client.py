@@ -50,10 +50,19 @@ def unary_body(message: bytes) -> bytes:
 
 
 def run_h2load(
-    target: str, method: str, message: bytes, concurrency: int, seconds: float, warmup_s: float
+    target: str,
+    method: str,
+    message: bytes,
+    concurrency: int,
+    seconds: float,
+    warmup_s: float,
+    connections: int = 1,
 ) -> H2Run:
-    """``concurrency`` calls of ``method`` (``/pkg.Service/Method``) in flight on one connection
-    to ``target`` (host:port) for ``seconds`` after ``warmup_s``; latencies from h2load's log."""
+    """``concurrency`` calls of ``method`` (``/pkg.Service/Method``) in flight to ``target``
+    (host:port) for ``seconds`` after ``warmup_s``, over ``connections`` connections (at most
+    ``concurrency``; the calls split evenly, so ``concurrency`` should be a multiple);
+    latencies from h2load's log."""
+    clients = max(1, min(connections, concurrency))
     exe = h2load_path()
     if exe is None:
         raise RuntimeError("h2load not found: apt-get install nghttp2-client (or make bench-tools)")
@@ -62,8 +71,8 @@ def run_h2load(
         body.write_bytes(unary_body(message))
         cmd = [
             exe,
-            "--clients=1",
-            f"--max-concurrent-streams={concurrency}",
+            f"--clients={clients}",
+            f"--max-concurrent-streams={max(1, concurrency // clients)}",
             f"--duration={max(1, round(seconds))}",
             f"--warm-up-time={max(1, round(warmup_s))}",
             f"--data={body}",

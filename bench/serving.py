@@ -183,7 +183,9 @@ def measure_ceiling(
 
 
 # -- server -------------------------------------------------------------------------------------
-def server_flags(batching: bool, args: argparse.Namespace, data_dir: Path) -> dict[str, object]:
+def server_flags(
+    batching: bool, args: argparse.Namespace, data_dir: Path, processes: int = 1
+) -> dict[str, object]:
     return {
         "host": "127.0.0.1",
         "port": 0,
@@ -193,19 +195,22 @@ def server_flags(batching: bool, args: argparse.Namespace, data_dir: Path) -> di
         "max_delay_ms": args.max_delay_ms,
         "workers": args.workers,
         "model_instances": args.model_instances,
+        "processes": processes,
         "grace_s": 2.0,
         "metrics_port": free_port(),
     }
 
 
 @contextmanager
-def running_server(batching: bool, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+def running_server(
+    batching: bool, args: argparse.Namespace, processes: int = 1
+) -> Iterator[tuple[str, str]]:
     """A started server with an empty data dir; yields its address and metrics URL; stops it
     on exit."""
     tmp = Path(tempfile.mkdtemp(prefix="protoserve-bench-"))
-    flags = server_flags(batching, args, tmp / "data")
+    flags = server_flags(batching, args, tmp / "data", processes)
     try:
-        if args.server_process:
+        if args.server_process or processes != 1:
             with server_process(flags, tmp) as served:
                 yield served
         else:
@@ -231,21 +236,30 @@ def setup_collection(target: str) -> None:
 
 # -- load ---------------------------------------------------------------------------------------
 async def _load(
-    target: str, payload: bytes, concurrency: int, seconds: float
+    target: str, payload: bytes, concurrency: int, seconds: float, connections: int = 1
 ) -> tuple[int, list[float], int]:
-    """(measured calls, their latencies, errors) from the asyncio client."""
-    async with grpc.aio.insecure_channel(
-        target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    ) as channel:
-        call = channel.unary_unary(CLASSIFY)  # raw bytes in, raw bytes out
-        await call(payload, timeout=30)
+    """(measured calls, their latencies, errors) from the asyncio client, the calls spread
+    over ``connections`` channels of their own connection each."""
+    opts = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    channels = [
+        grpc.aio.insecure_channel(target, options=opts)
+        for _ in range(max(1, min(connections, concurrency)))
+    ]
+    try:
+        calls = [ch.unary_unary(CLASSIFY) for ch in channels]  # raw bytes in, raw bytes out
+        for call in calls:
+            await call(payload, timeout=30)
         latencies: list[float] = []
         count = [0, 0]  # measured calls, errors
         start = time.perf_counter()
         measure_from = start + WARMUP_S
         stop_at = measure_from + seconds
 
-        async def worker() -> None:
+        async def worker(i: int) -> None:
+            call = calls[i % len(calls)]
             while True:
                 t0 = time.perf_counter()
                 if t0 >= stop_at:
@@ -260,8 +274,11 @@ async def _load(
                     latencies.append(t1 - t0)
                     count[0] += 1
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return count[0], latencies, count[1]
+    finally:
+        for ch in channels:
+            await ch.close()
 
 
 def _children_cpu() -> float:
@@ -277,6 +294,7 @@ def run_point(
     concurrency: int,
     seconds: float,
     client: str,
+    connections: int = 1,
 ) -> Point:
     """One load point; errors count failed calls and every non-OK Classify the server saw."""
     target, metrics_url = served
@@ -284,12 +302,12 @@ def run_point(
     t0 = time.perf_counter()
     if client == "h2load":
         cpu0 = _children_cpu()
-        h2 = run_h2load(target, CLASSIFY, payload, concurrency, seconds, WARMUP_S)
+        h2 = run_h2load(target, CLASSIFY, payload, concurrency, seconds, WARMUP_S, connections)
         cpu = _children_cpu() - cpu0
         reqs, secs, lat, failed = h2.requests, h2.seconds, h2.latencies_s, h2.failed
     else:
         cpu0 = time.process_time()
-        reqs, lat, failed = asyncio.run(_load(target, payload, concurrency, seconds))
+        reqs, lat, failed = asyncio.run(_load(target, payload, concurrency, seconds, connections))
         cpu, secs = time.process_time() - cpu0, seconds
     wall = time.perf_counter() - t0
     errors = failed + grpc_errors(metrics_url, "Classify") - errors_before
@@ -335,22 +353,33 @@ def one_round(
     ceilings = {n: (b, v, per) for n, b, v, per in measured}
     points: list[Point] = []
     visibility = None
-    for mode in args.batching:
-        with running_server(mode == "on", args) as served:
-            target = served[0]
-            setup_collection(target)
-            for conc in args.concurrency:
-                pt = run_point(mode, served, payload, args.images, conc, args.seconds, args.client)
-                points.append(pt)
-                print(
-                    f"# {mode} c={conc}: {pt.ips:.0f} images/s, p50 {pt.pct(50):.2f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            if want_visibility and args.visibility_trials > 0 and mode == args.batching[0]:
-                visibility = measure_visibility(
-                    target, COLLECTION, args.visibility_trials, BACKGROUND_ZIP
-                )
+    for procs in args.processes:
+        for batching in args.batching:
+            mode = batching if procs == 1 else f"{batching}, {procs} processes"
+            with running_server(batching == "on", args, procs) as served:
+                target = served[0]
+                setup_collection(target)
+                for conc in args.concurrency:
+                    pt = run_point(
+                        mode,
+                        served,
+                        payload,
+                        args.images,
+                        conc,
+                        args.seconds,
+                        args.client,
+                        args.connections,
+                    )
+                    points.append(pt)
+                    print(
+                        f"# {mode} c={conc}: {pt.ips:.0f} images/s, p50 {pt.pct(50):.2f} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                if want_visibility and args.visibility_trials > 0 and visibility is None:
+                    visibility = measure_visibility(
+                        target, COLLECTION, args.visibility_trials, BACKGROUND_ZIP
+                    )
     return Round(points, ceilings, measured[-1][0], visibility)
 
 
@@ -361,7 +390,8 @@ def print_round(args: argparse.Namespace, rnd: Round, title: str) -> None:
         f"{args.max_batch_size}, max_delay_ms {args.max_delay_ms}; off = max_batch_size 1; "
         f"{rnd.served_instances} model instance(s). "
         f"{args.images} image(s)/request, {args.seconds:g} s per point, {os.cpu_count()} CPUs. "
-        f"Load: {args.client} client (its CPU in cores and per request).\n"
+        f"Load: {args.client} client over {args.connections} connection(s) (its CPU in "
+        "cores and per request).\n"
     )
     print(
         "| mode | concurrency | requests/s | images/s | p50 ms | p99 ms | client cores "
@@ -415,6 +445,21 @@ def main(argv: list[str] | None = None) -> int:
         help="server model instances (default 0, the server's: automatic, 2 on a CPU with 2+ "
         "cores); the ceiling is the better of 1 stream and that many",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="server processes (serve --processes) to measure, each a server of its own "
+        "(default 1; e.g. 1 2)",
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="client connections the calls of a point spread over (at most the concurrency; "
+        "a multi-process server spreads connections, not calls)",
+    )
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--visibility-trials", type=int, default=20, help="0: skip")
     p.add_argument(
@@ -462,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = f" ({errors[mode]} failed calls)" if errors[mode] else ""
         print(
             f"Goal >= {GOAL_CEILING:.0%} of ceiling at concurrency 32, batching {mode}, "
-            f"{args.client} client: "
+            f"{args.client} client, {args.connections} connection(s): "
             f"{100 * med:.1f}%{' (median of ' + each + ')' if len(rs) > 1 else ''}{failed} -> "
             f"{'MET' if ok else 'NOT MET'}"
         )
@@ -470,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         net, raw, polls = visibility
         med = float(np.median(net)) * 1000
         print(
-            f"\nRegistration visibility (batching {args.batching[0]}, {len(net)} trials, class "
+            f"\nRegistration visibility (batching {args.batching[0]}, {args.processes[0]} "
+            f"process(es), {len(net)} trials, class "
             f"with 5 supports): median {med:.2f} ms after the RegisterClass ack, excluding "
             f"embedding (max {max(net) * 1000:.2f} ms; raw ack -> answer median "
             f"{float(np.median(raw)) * 1000:.2f} ms, minus the query's own Classify time "

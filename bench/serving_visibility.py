@@ -5,7 +5,10 @@ run01), then polls Classify with a 6th drawing of it until the new label appears
 answer. Embedding time is excluded on both sides: the supports' embedding happens before the
 RegisterClass acknowledgement (the clock starts at the ack), and the query image's own
 decode + embed + RPC time is subtracted as that trial's baseline (the fastest of 3 Classify
-calls with the same image just before registering).
+calls with the same image just before registering). The queries go over a connection of
+their own, opened per trial: against a multi-process server (``serve --processes N``) the
+kernel may put it on any worker, so some trials measure a registration acknowledged by one
+process and seen by another.
 """
 
 from __future__ import annotations
@@ -48,23 +51,24 @@ def measure_visibility(
         top_k = c.get_collection(collection).class_count + 1  # every class: presence, not rank
         for label, drawings in new_characters(trials, background_zip):
             supports, query = drawings[:5], drawings[5]
-            baseline = float("inf")
-            for _ in range(3):
-                t0 = time.perf_counter()
-                (r,) = c.classify(collection, [query], top_k=top_k)
-                baseline = min(baseline, time.perf_counter() - t0)
-                assert all(p.label != label for p in r.predictions)
-            c.register(collection, label, images=supports)
-            t_ack = time.perf_counter()
-            n = 0
-            while True:
-                n += 1
-                (r,) = c.classify(collection, [query], top_k=top_k)
-                t = time.perf_counter()
-                if any(p.label == label for p in r.predictions):
-                    break
-                if t - t_ack > 5:
-                    raise RuntimeError(f"class {label!r} not visible 5 s after registration")
+            with ProtoserveClient(target) as q:
+                baseline = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    (r,) = q.classify(collection, [query], top_k=top_k)
+                    baseline = min(baseline, time.perf_counter() - t0)
+                    assert all(p.label != label for p in r.predictions)
+                c.register(collection, label, images=supports)
+                t_ack = time.perf_counter()
+                n = 0
+                while True:
+                    n += 1
+                    (r,) = q.classify(collection, [query], top_k=top_k)
+                    t = time.perf_counter()
+                    if any(p.label == label for p in r.predictions):
+                        break
+                    if t - t_ack > 5:
+                        raise RuntimeError(f"class {label!r} not visible 5 s after registration")
             raw.append(t - t_ack)
             net.append(max(0.0, t - t_ack - baseline))
             polls.append(n)

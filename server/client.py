@@ -249,7 +249,9 @@ def _options(top_k: int | None, method: str | None, transductive: bool = False) 
 
 
 class ProtoserveClient:
-    """One channel to a protoserve server; a context manager (``close`` on exit).
+    """One channel to a protoserve server, on a connection of its own (gRPC would otherwise
+    share one connection among channels to the same target, and a multi-process server
+    spreads connections, not calls); a context manager (``close`` on exit).
 
     ``timeout_s`` is the deadline of every unary call (``None``: no deadline); streams
     take their own ``timeout_s`` (default: none).
@@ -269,6 +271,7 @@ class ProtoserveClient:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.use_local_subchannel_pool", 1),
             ],
         )
         self._stub = pb_grpc.ProtoserveStub(self._channel)  # type: ignore[no-untyped-call]

@@ -65,12 +65,18 @@ def test_serving_bench_clients(client: str) -> None:
     out = run_bench(
         "bench/serving.py",
         "--seconds", "1", "--concurrency", "32", "--batching", "off", "--ceiling-seconds", "0.5",
-        "--visibility-trials", "0", "--client", client,
+        "--visibility-trials", "0", "--client", client, "--processes", "1", "2",
+        "--connections", "4",
     )  # fmt: skip
-    assert f"Load: {client} client" in out and f"batching off, {client} client: " in out
-    row = next(line for line in out.splitlines() if line.startswith("| batching off | 32 |"))
-    assert "errors" not in row
-    assert float(row.split("|")[3]) > 0  # requests/s
+    assert f"Load: {client} client over 4 connection(s)" in out
+    assert f"batching off, {client} client, 4 connection(s): " in out
+    assert f"batching off, 2 processes, {client} client, 4 connection(s): " in out
+    for mode in ("off", "off, 2 processes"):
+        row = next(
+            line for line in out.splitlines() if line.startswith(f"| batching {mode} | 32 |")
+        )
+        assert "errors" not in row
+        assert float(row.split("|")[3]) > 0  # requests/s
 
 
 @needs_run

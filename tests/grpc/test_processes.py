@@ -73,9 +73,9 @@ def test_two_processes_share_registrations_and_survive_a_dead_worker(tmp_path: P
     imgs = [p.read_bytes() for p in training_images()]
     flags = ("--processes", "2", "--metrics-port", str(free_port()))
     server = Subprocess(tmp_path / "data", *flags)
-    assert server.metrics_url is not None
     channels = []
     try:
+        assert server.metrics_url is not None
         assert len(workers_of(server.proc.pid)) == 2
         assert metric(server.metrics_url, "protoserve_worker_up") == {
             '{worker="0"}': 1.0,
