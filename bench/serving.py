@@ -38,9 +38,7 @@ ack - the query's own Classify time), and the median of the raw ack-to-answer ti
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -51,15 +49,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from h2load_client import grpc_errors, h2load_path, run_h2load  # noqa: E402
 from server_process import free_port, server_process  # noqa: E402
+from serving_load import Point, pick_client, run_point  # noqa: E402
 from serving_visibility import measure_visibility  # noqa: E402
 
 from server.client import ProtoserveClient  # noqa: E402
@@ -70,41 +67,9 @@ COLLECTION = "run01"
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 RUN = OMNIGLOT / "sample_run" / "run01"
 BACKGROUND_ZIP = OMNIGLOT / "images_background_small1.zip"
-CLASSIFY = "/protoserve.v1.Protoserve/Classify"
-WARMUP_S = 1.0
 CEILING_BATCHES = (1, 4, 8, 32, 64, 128)
 GOAL_CEILING = 0.85
 GOAL_VISIBLE_MS = 50.0
-
-
-@dataclass
-class Point:
-    mode: str
-    concurrency: int
-    requests: int
-    images: int
-    seconds: float
-    latencies_s: list[float]
-    errors: int
-    client_cpu_s: float  # the load generator's CPU time over the whole point, warm-up included
-    client_wall_s: float  # that point's wall time
-
-    @property
-    def client_cores(self) -> float:
-        return self.client_cpu_s / self.client_wall_s
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-    @property
-    def ips(self) -> float:
-        return self.images / self.seconds
-
-    def pct(self, q: float) -> float:
-        return (
-            float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s else float("nan")
-        )
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -235,100 +200,6 @@ def setup_collection(target: str) -> None:
 
 
 # -- load ---------------------------------------------------------------------------------------
-async def _load(
-    target: str, payload: bytes, concurrency: int, seconds: float, connections: int = 1
-) -> tuple[int, list[float], int]:
-    """(measured calls, their latencies, errors) from the asyncio client, the calls spread
-    over ``connections`` channels of their own connection each."""
-    opts = [
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-    channels = [
-        grpc.aio.insecure_channel(target, options=opts)
-        for _ in range(max(1, min(connections, concurrency)))
-    ]
-    try:
-        calls = [ch.unary_unary(CLASSIFY) for ch in channels]  # raw bytes in, raw bytes out
-        for call in calls:
-            await call(payload, timeout=30)
-        latencies: list[float] = []
-        count = [0, 0]  # measured calls, errors
-        start = time.perf_counter()
-        measure_from = start + WARMUP_S
-        stop_at = measure_from + seconds
-
-        async def worker(i: int) -> None:
-            call = calls[i % len(calls)]
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= stop_at:
-                    return
-                try:
-                    await call(payload, timeout=30)
-                except grpc.aio.AioRpcError:
-                    count[1] += 1
-                    continue
-                t1 = time.perf_counter()
-                if t0 >= measure_from and t1 <= stop_at:
-                    latencies.append(t1 - t0)
-                    count[0] += 1
-
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        return count[0], latencies, count[1]
-    finally:
-        for ch in channels:
-            await ch.close()
-
-
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def run_point(
-    mode: str,
-    served: tuple[str, str],
-    payload: bytes,
-    n_images: int,
-    concurrency: int,
-    seconds: float,
-    client: str,
-    connections: int = 1,
-) -> Point:
-    """One load point; errors count failed calls and every non-OK Classify the server saw."""
-    target, metrics_url = served
-    errors_before = grpc_errors(metrics_url, "Classify")
-    t0 = time.perf_counter()
-    if client == "h2load":
-        cpu0 = _children_cpu()
-        h2 = run_h2load(target, CLASSIFY, payload, concurrency, seconds, WARMUP_S, connections)
-        cpu = _children_cpu() - cpu0
-        reqs, secs, lat, failed = h2.requests, h2.seconds, h2.latencies_s, h2.failed
-    else:
-        cpu0 = time.process_time()
-        reqs, lat, failed = asyncio.run(_load(target, payload, concurrency, seconds, connections))
-        cpu, secs = time.process_time() - cpu0, seconds
-    wall = time.perf_counter() - t0
-    errors = failed + grpc_errors(metrics_url, "Classify") - errors_before
-    return Point(mode, concurrency, reqs, reqs * n_images, secs, lat, errors, cpu, wall)
-
-
-def pick_client(wanted: str) -> str:
-    if wanted != "auto":
-        if wanted == "h2load" and h2load_path() is None:
-            sys.exit("--client h2load: h2load not found (make bench-tools)")
-        return wanted
-    if h2load_path() is None:
-        print(
-            "# h2load not found (make bench-tools): the asyncio client generates the load, "
-            "and its CPU comes out of the server's",
-            file=sys.stderr,
-        )
-        return "python"
-    return "h2load"
-
-
 # -- one round: the ceiling, then every mode's server ---------------------------------------------
 @dataclass
 class Round:

@@ -2,10 +2,10 @@
 
     python bench/shards.py [--shards 2] [--concurrency 32] [--seconds 8] [--rounds 2]
 
-protoserve is one Python process: its gRPC threads, its image decoding and its batcher share
-one GIL. This bench measures how much that costs, as an upper bound for serving from several
-processes (not something the server does yet: registrations would have to reach every
-process). Each round starts
+One protoserve process runs its gRPC threads, its image decoding and its batcher under one
+GIL. This bench measures how much that costs with fully independent servers, the upper bound
+for ``serve --processes N`` (which shares one port and one data dir; ``bench/serving.py
+--processes 1 2`` measures it). Each round starts
 
 - one server as ``make serve`` would (every CPU, the automatic model instances), loaded by one
   h2load with ``--concurrency`` streams, then
@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 import serving  # noqa: E402  (bench/serving.py: ceiling, run01 collection, payload)
 from h2load_client import H2Run, grpc_errors, h2load_path, run_h2load  # noqa: E402
 from server_process import free_port, server_process  # noqa: E402
+from serving_load import CLASSIFY  # noqa: E402
 
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb  # noqa: E402
 
@@ -70,7 +71,7 @@ def load(
     before = [grpc_errors(url, "Classify") for _, url in served]
 
     def one(i: int) -> None:
-        runs[i] = run_h2load(served[i][0], serving.CLASSIFY, payload, share[i], seconds, 1.0)
+        runs[i] = run_h2load(served[i][0], CLASSIFY, payload, share[i], seconds, 1.0)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(served))]
     for t in threads:
