@@ -74,7 +74,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"protoserve serve: {e}", file=sys.stderr)
         return 2
-    return serve(cfg, (args.log_format, args.log_level))
+    from server.registry import RegistryError
+
+    try:
+        return serve(cfg, (args.log_format, args.log_level))
+    except (OSError, RegistryError) as e:  # a port or data dir in use, a newer schema, ...
+        print(f"protoserve serve: {e}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

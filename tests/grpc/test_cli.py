@@ -184,6 +184,21 @@ def test_cli_against_protoserve_serve_subprocess(
             assert time.monotonic() < deadline, f"server did not start: {log.read_text()}"
             time.sleep(0.1)
         register_and_classify(capsys, f"127.0.0.1:{port}")
+        # A second server on the same port, or on the same data dir, says why and exits 1.
+        for flags, why in (
+            (["--port", str(port), "--data-dir", str(tmp_path / "other")], "cannot bind"),
+            (["--port", str(port), "--data-dir", str(tmp_path / "o2"), "--processes", "2"],
+             "cannot bind"),
+            (["--port", str(free_port()), "--data-dir", str(tmp_path / "data")], "in use"),
+        ):  # fmt: skip
+            second = subprocess.run(
+                [sys.executable, "-m", "server.cli", "serve", "--model-repo",
+                 str(ROOT / "models"), *flags],
+                cwd=ROOT, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert second.returncode == 1, second.stderr[-2000:]
+            assert "protoserve serve: " in second.stderr and why in second.stderr
+            assert "Traceback" not in second.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
