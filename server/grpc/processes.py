@@ -103,9 +103,12 @@ def _worker_main(
     cpus: list[int] | None,
     conn: Connection,
     log_cfg: tuple[str, str],
+    parent: int,
 ) -> None:
     """A worker process: pinned, its own complete server, until SIGTERM/SIGINT."""
     _die_with_parent()
+    if os.getppid() != parent:  # the supervisor died before the line above took effect
+        return
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
     from server import logs
@@ -158,7 +161,7 @@ class Supervisor:
 
     def _launch(self, worker: _Worker) -> Connection:
         parent, child = _SPAWN.Pipe(duplex=False)
-        args = (self._worker_cfg, worker.index, worker.cpus, child, self.log_cfg)
+        args = (self._worker_cfg, worker.index, worker.cpus, child, self.log_cfg, os.getpid())
         proc = _SPAWN.Process(
             target=_worker_main, args=args, name=f"protoserve-worker-{worker.index}"
         )
@@ -217,7 +220,10 @@ class Supervisor:
                     f"{len(self._deaths)} worker deaths within {RESTART_WINDOW_S:.0f} s: giving up"
                 )
             self.restarts += 1
-            self.start([w])
+            try:
+                self.start([w])
+            except RuntimeError as e:  # counted as another death at the next check
+                log.error("%s", e)
 
     def stop(self) -> None:
         """SIGTERM to every worker; waits ``grace_s`` (+5 s) for them, then kills the rest."""
