@@ -1,21 +1,25 @@
 """Classify serving benchmark on loopback: throughput, latency, and registration visibility.
 
     python bench/serving.py [--concurrency 1 8 32 64] [--seconds 10] [--batching on off]
+                            [--processes 1 2] [--connections 8]
                             [--images 1] [--server-process | --no-server-process]
                             [--model-instances N] [--rounds R] [--client auto|h2load|python]
 
-For each batching mode a fresh server (``python -m server.grpc.app`` as a subprocess by
-default, so the load generator does not share its GIL; ``--no-server-process``: in-process
-``build_server``) gets collection ``run01`` with the 20 run01 training images of the bundled
-``omniglot-protonet`` model, one class each. Batching ``off`` is ``--max-batch-size 1``.
-A load generator then keeps ``concurrency`` Classify requests (``--images`` run01 test images
-each, pre-serialized once) in flight on one connection for ``--seconds`` after a warm-up:
-h2load (nghttp2's HTTP/2 load generator, in C: ``bench/h2load_client.py``) when it is installed
-(``make bench-tools``), else this process's asyncio gRPC client (``--client`` chooses). The two
-share the cores with the server, and the asyncio client costs several times more CPU per call
-(the report gives each run's client CPU per request). A call counts as served only with status
-OK: h2load does not read gRPC trailers, so the server's own per-status counters (its /metrics)
-are read around each point, and any non-OK Classify there is an error.
+For each server size (``--processes``: one process, the default server, and two, ``serve
+--processes 2``) and each batching mode a fresh server (``python -m server.grpc.app`` as a
+subprocess by default, so the load generator does not share its GIL; ``--no-server-process``:
+in-process ``build_server`` for the one-process server) gets collection ``run01`` with the 20 run01
+training images of the bundled ``omniglot-protonet`` model, one class each. Batching ``off``
+is ``--max-batch-size 1``. A load generator then keeps ``concurrency`` Classify requests
+(``--images`` run01 test images each, pre-serialized once) in flight for ``--seconds`` after a
+warm-up, spread over ``--connections`` client connections (default 8, as many clients would:
+a multi-process server spreads connections, not calls): h2load (nghttp2's HTTP/2 load
+generator, in C: ``bench/h2load_client.py``) when it is installed (``make bench-tools``), else
+this process's asyncio gRPC client (``--client`` chooses). The two share the cores with the
+server, and the asyncio client costs several times more CPU per call (the report gives each
+run's client CPU per request). A call counts as served only with status OK: h2load does not
+read gRPC trailers, so the server's own per-status counters (its /metrics) are read around
+each point, and any non-OK Classify there is an error.
 
 The ceiling is the same decode + embed + score work in this process with no gRPC and no
 batcher (``Preprocessor.preprocess_bytes`` -> ``runtime.encode_images`` -> prototype scores and
@@ -29,10 +33,11 @@ With ``--rounds R`` the ceiling and the servers are measured R times, alternatin
 goal is judged on the median of the rounds' ratios (each round's ratio compares figures of that
 round; on a shared machine one round's ratio moves by about 10 points).
 
-Registration visibility (``bench/serving_visibility.py``): ~20 trials, each registering a new
-class with 5 supports and timing its first appearance in Classify after the acknowledgement,
-embedding time excluded. The report gives the median of (first answer naming the new class -
-ack - the query's own Classify time), and the median of the raw ack-to-answer time.
+Registration visibility (``bench/serving_visibility.py``, on the first server measured): ~20
+trials, each registering a new class with 5 supports and timing its first appearance in
+Classify after the acknowledgement, embedding time excluded. The report gives the median of
+(first answer naming the new class - ack - the query's own Classify time), and the median of
+the raw ack-to-answer time.
 """
 
 from __future__ import annotations
@@ -320,16 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         "--processes",
         type=int,
         nargs="+",
-        default=[1],
+        default=[1, 2],
         help="server processes (serve --processes) to measure, each a server of its own "
-        "(default 1; e.g. 1 2)",
+        "(default: 1 and 2)",
     )
     p.add_argument(
         "--connections",
         type=int,
-        default=1,
-        help="client connections the calls of a point spread over (at most the concurrency; "
-        "a multi-process server spreads connections, not calls)",
+        default=8,
+        help="client connections the calls of a point spread over (default 8, at most the "
+        "concurrency; a multi-process server spreads connections, not calls)",
     )
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--visibility-trials", type=int, default=20, help="0: skip")
