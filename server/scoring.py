@@ -4,7 +4,8 @@ Classifies every image of a folder tree or a manifest (CSV / JSONL with a ``path
 against a collection, through a server (``--server``) or an in-process ``Pipeline``
 (``--in-process``), and writes one row per image to JSONL, CSV or Parquet (by the output's
 extension). The input is streamed and at most ``concurrency * 2`` batches are in flight, so
-memory stays bounded on any input size.
+memory stays bounded on any input size. Through a server, the calls go round ``concurrency``
+connections, so a multi-process server (``serve --processes N``) spreads them over its workers.
 
 Resumable: rows are appended as whole records, flushed and fsynced per batch, in input order;
 on start a trailing partial line (a crash mid-write) is dropped and the rows already present
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -22,6 +24,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
@@ -254,8 +257,15 @@ class _Writer:
 
 
 # -- scoring ------------------------------------------------------------------------------------
-def _server_classify(client: ProtoserveClient, collection: str, top_k: int | None) -> Classify:
+def _server_classify(
+    clients: Sequence[ProtoserveClient], collection: str, top_k: int | None
+) -> Classify:
+    """Calls go round the ``clients`` (one connection each: a multi-process server spreads
+    connections over its workers)."""
+    turn = itertools.count()
+
     def classify(images: list[bytes]) -> list[Any]:
+        client = clients[next(turn) % len(clients)]  # count's next is atomic under the GIL
         try:
             return client.classify(collection, images, top_k=top_k)
         except ProtoserveError as e:
@@ -406,9 +416,13 @@ def _command(args: argparse.Namespace) -> int:
                     progress=not args.no_progress,
                 )
         else:
-            with ProtoserveClient(args.server, timeout_s=args.timeout) as client:
+            with ExitStack() as stack:
+                clients = [
+                    stack.enter_context(ProtoserveClient(args.server, timeout_s=args.timeout))
+                    for _ in range(max(1, args.concurrency))
+                ]
                 counts = score(
-                    _server_classify(client, args.collection, top_k),
+                    _server_classify(clients, args.collection, top_k),
                     args.input,
                     args.output,
                     batch_size=args.batch,

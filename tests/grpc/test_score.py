@@ -202,7 +202,7 @@ def test_parquet_output_matches_jsonl(env: Env, tmp_path: Path) -> None:
         assert r["scores"] == pytest.approx(ref["scores"], abs=1e-6)
     # re-running over a finished Parquet output rescores nothing and keeps every row
     with ProtoserveClient(env.target) as c:
-        counts = score_job(_server_classify(c, "run01", 3), env.images, tmp_path / "out.parquet")
+        counts = score_job(_server_classify([c], "run01", 3), env.images, tmp_path / "out.parquet")
     assert counts == {"scored": 0, "errors": 0, "skipped": 21}
     assert pq.read_table(tmp_path / "out.parquet").to_pylist() == rows
 
