@@ -1,8 +1,9 @@
 """A multi-process server: ``protoserve serve --processes N`` (0: one per CPU).
 
 One Python process serves its gRPC handlers, its image decoding and its batchers under one
-GIL; on a small CPU-bound machine the threads queue for it (docs/serving-bench.md measured
-two processes serving 10-12% more images/s than one on 2 cores). Here a supervisor starts
+GIL; on a small CPU-bound machine the threads queue for it (on 2 cores, two pinned worker
+processes serve 7-10% more images/s to 32 clients than one process: docs/serving-bench.md).
+Here a supervisor starts
 ``N`` worker processes, each a complete server (``build_server``) over the same data dir and
 the same port:
 
