@@ -91,7 +91,7 @@ def test_two_processes_share_registrations_and_survive_a_dead_worker(tmp_path: P
             build_server(lone)
 
         stubs = []
-        for _ in range(12):  # 12 connections: the kernel spreads them over both workers
+        for _ in range(32):  # 32 connections: the kernel spreads them over both workers
             channel, stub = server.stub()
             channels.append(channel)
             stubs.append(stub)
