@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         folder = make_inputs(tmp, args.images)
         with serving.running_server(True, args) as (target, _metrics):
             serving.setup_collection(target)
-            with ProtoserveClient(target) as client:
-                classify = _server_classify(client, serving.COLLECTION, None)
+            with ExitStack() as stack:  # as protoserve score: a connection per request in flight
+                clients = [
+                    stack.enter_context(ProtoserveClient(target))
+                    for _ in range(max(args.concurrency))
+                ]
+                classify = _server_classify(clients, serving.COLLECTION, None)
                 for b in args.batch:
                     for c in args.concurrency:
                         ips = timed_job(classify, folder, tmp / "server.jsonl", b, c)
