@@ -27,6 +27,7 @@ from server.grpc import kserve_v2
 from server.grpc.gen.protoserve.v1 import protoserve_pb2 as pb
 from server.grpc.gen.protoserve.v1 import protoserve_pb2_grpc as pb_grpc
 from server.grpc.interceptors import ErrorInterceptor
+from server.grpc.processes import resolve_processes, serve_processes
 from server.grpc.service import ProtoserveServicer
 from server.metrics import Metrics
 from server.model_repo import ModelRepository
@@ -155,8 +156,6 @@ def serve(cfg: ServerConfig, log_cfg: tuple[str, str] = ("json", "INFO")) -> int
     With ``processes`` other than 1, as a supervisor of that many worker processes
     (``server.grpc.processes``; ``log_cfg`` = (format, level) for their logs).
     """
-    from server.grpc.processes import resolve_processes, serve_processes
-
     n = resolve_processes(cfg)
     if n > 1:
         return serve_processes(cfg, n, log_cfg)

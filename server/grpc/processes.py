@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from server.config import ServerConfig
 from server.grpc.worker_metrics import WorkerMetrics
+from server.runtimes.base import available_cpus
 
 __all__ = ["MAX_RESTARTS", "RESTART_WINDOW_S", "cpu_groups", "resolve_processes", "serve_processes"]
 
@@ -55,8 +56,6 @@ _SPAWN = multiprocessing.get_context("spawn")  # never fork a process that has g
 
 def resolve_processes(cfg: ServerConfig) -> int:
     """``cfg.processes``, with 0 (automatic) as one per CPU this process may use."""
-    from server.runtimes.base import available_cpus
-
     return cfg.processes or available_cpus()
 
 
@@ -143,8 +142,7 @@ class Supervisor:
         self.cfg = cfg
         self.log_cfg = log_cfg
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        groups = cpu_groups(cpus, n) if cpus else [None] * n
-        self.workers = [_Worker(i, g) for i, g in enumerate(groups)]
+        self.workers = [_Worker(i, g) for i, g in enumerate(cpu_groups(cpus, n))]
         self.restarts = 0
         self._http: WSGIServer | None = None
         self._deaths: list[float] = []

@@ -1,18 +1,19 @@
 """The server's state: the durable store (SQLite) and the in-memory indexes, kept in step.
 
-``Registry`` is what the serving layer holds. Each change is committed to the store first
-(durable when the call returns) and then applied to the collection's ``CollectionIndex``, both
-under one lock, so the indexes change in commit order. Reads of the indexes never take that
-lock: classification uses ``registry.index(name)`` and its own readers-writer lock.
-If applying a committed change to an index fails, that index is rebuilt from the store
-(the store is the truth), so the two cannot drift apart.
+``Registry`` is what the serving layer holds. Each change is committed to the store together
+with its row in the change log (``server.registry.changes``), durable when the call returns;
+then, under one lock, the registry applies the log rows it has not applied yet to the
+collections' ``CollectionIndex`` objects, in commit order, its own change among them. Reads of
+the indexes never take that lock: classification uses ``registry.index(name)`` and its own
+readers-writer lock. If applying a committed change to an index fails, that index is rebuilt
+from the store (the store is the truth), so the two cannot drift apart.
 
-``shared=True`` is for the processes of a multi-process server, which share one data dir:
-each change is committed with its row in the change log (``server.registry.changes``), and
-every read of the indexes first checks SQLite's ``data_version`` (a few microseconds); when
-any connection has committed since, the registry applies the log rows it has not applied yet,
-in commit order - its own changes included, so one path serves both. A change acknowledged
-by any process is therefore seen by the next read in every process.
+``shared=True`` is for the processes of a multi-process server, which share one data dir: the
+same log then also carries the other processes' changes, so every read of the indexes first
+checks SQLite's ``data_version`` (a few microseconds) and, when any connection has committed
+since, applies the rows it has not applied yet. A change acknowledged by any process is
+therefore seen by the next read in every process. A lone registry (the default) has the data
+dir to itself and skips that check.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -84,7 +85,7 @@ class Registry:
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
         self._indexes: dict[str, CollectionIndex] = {}
-        self._seq = 0  # the last change-log row applied (shared mode)
+        self._seq = 0  # the last change-log row applied
         self._seen_version = -1  # data_version when the log was last read (shared mode)
         with self._lock:
             self._load_all()
@@ -117,11 +118,11 @@ class Registry:
         self._collections[coll.name] = coll
 
     def _load_all(self) -> None:
-        """Every index rebuilt from the store; in shared mode, then the log replayed past the
-        point where loading began (replaying what loading already saw is harmless)."""
-        if self.shared:
-            self._seen_version = self.store.data_version()
-            self._seq = self.store.latest_change()
+        """Every index rebuilt from the store, then the log replayed past the point where
+        loading began (in shared mode, others may write meanwhile; replaying what loading
+        already saw is harmless)."""
+        self._seen_version = self.store.data_version()
+        self._seq = self.store.latest_change()
         names = {coll.name for coll in self.store.list_collections()}
         for name in set(self._collections) - names:
             self._collections.pop(name, None)
@@ -129,10 +130,9 @@ class Registry:
         for name in names:
             with suppress(NotFound):  # deleted since the listing
                 self._rebuild(self.store.get_collection(name))
-        if self.shared:
-            self._follow()
+        self._follow()
 
-    # -- following the other processes (shared mode) -------------------------------------------
+    # -- applying the change log ---------------------------------------------------------------
     def refresh(self) -> None:
         """Applies what other processes committed since the last look (shared mode; else a
         no-op). Every read of the indexes below calls it."""
@@ -182,12 +182,8 @@ class Registry:
             return  # a collection deleted (or re-created) since: later rows say so
         elif change.op == "add_supports":
             index = self._indexes[name]
-            known = index.support_ids()
-            rows = [
-                r
-                for r in self.store.embeddings_by_id(change.collection_id, change.support_ids)
-                if r.support_id not in known
-            ]
+            missing = index.missing_supports(change.support_ids)
+            rows = self.store.embeddings_by_id(change.collection_id, sorted(missing))
             if rows:
                 items = [(r.support_id, r.kind, r.embedding) for r in rows]
                 index.add(rows[0].class_id, rows[0].label, items)
@@ -229,25 +225,17 @@ class Registry:
     def list_supports(self, collection: str, label: str) -> list[Support]:
         return self.store.list_supports(collection, label)
 
-    # -- changes --------------------------------------------------------------------------------
+    # -- changes: each committed with its log row, then the log applied -----------------------
     def create_collection(self, spec: CollectionSpec) -> Collection:
         with self._lock:
             coll = self.store.create_collection(spec)
-            if self.shared:
-                self._follow()
-                return coll
-            self._indexes[coll.name] = CollectionIndex(coll.metric, coll.dim, **self._options)
-            self._collections[coll.name] = coll
+            self._follow()
             return coll
 
     def delete_collection(self, name: str) -> Collection:
         with self._lock:
             coll = self.store.delete_collection(name)
-            if self.shared:
-                self._follow()
-                return coll
-            self._collections.pop(name, None)
-            self._indexes.pop(name, None)
+            self._follow()
             return coll
 
     def add_supports(
@@ -256,37 +244,17 @@ class Registry:
         """Registers ``supports`` for class ``label`` (created if new). Durable on return."""
         with self._lock:
             reg = self.store.add_supports(collection, label, supports)
-            if self.shared:
-                self._follow()
-                return reg
-            self._collections[collection] = reg.collection
-            items = [
-                (s.id, s.kind, inp.embedding) for s, inp in zip(reg.supports, supports, strict=True)
-            ]
-            self._apply(reg.collection, lambda ix: ix.add(reg.class_id, reg.label, items))
+            self._follow()
             return reg
 
     def remove_support(self, collection: str, support_id: int) -> Support:
         with self._lock:
             sup = self.store.remove_support(collection, support_id)
-            if self.shared:
-                self._follow()
-                return sup
-            self._apply(self.collection(collection), lambda ix: ix.remove_support(sup.id))
+            self._follow()
             return sup
 
     def remove_class(self, collection: str, label: str) -> ClassInfo:
         with self._lock:
             info = self.store.remove_class(collection, label)
-            if self.shared:
-                self._follow()
-                return info
-            self._apply(self.collection(collection), lambda ix: ix.remove_class(info.id))
+            self._follow()
             return info
-
-    def _apply(self, coll: Collection, change: Callable[[CollectionIndex], None]) -> None:
-        try:
-            change(self.index(coll.name))
-        except Exception:
-            log.exception("index of collection %r out of step; rebuilding it", coll.name)
-            self._rebuild(self.store.get_collection(coll.name))

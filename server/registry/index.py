@@ -422,6 +422,11 @@ class CollectionIndex:
         with self._lock.read():
             return dict(self._support_class)
 
+    def missing_supports(self, support_ids: Iterable[int]) -> set[int]:
+        """Those of ``support_ids`` not in the index (without copying the whole map)."""
+        with self._lock.read():
+            return {sid for sid in support_ids if sid not in self._support_class}
+
     def prototypes(self, kind: Kind = "image") -> tuple[IndexArray, FloatArray]:
         """(class ids, rows as stored: normalised for cosine), a consistent copy."""
         self._check_kind(kind)

@@ -16,13 +16,10 @@ the repeats counts (a shared machine only ever slows a run down).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 
 __all__ = ["CANDIDATES", "best_run_batch", "tune_run_batch"]
-
-log = logging.getLogger(__name__)
 
 CANDIDATES = (1, 2, 4, 8)
 REPEATS = 3
