@@ -12,6 +12,9 @@ Every step draws ``batch_size`` labeled images and ``mu * batch_size`` unlabeled
   probabilities are multiplied by ``prior / running mean of the predictions`` and renormalised
   before thresholding, so the pseudo-labels cannot collapse onto a few classes (the prior is
   uniform unless given);
+* optional CoMatch (``lambda_c > 0``, ``training.comatch``): a projection head, pseudo-labels
+  smoothed over a memory of recent embeddings, and a graph-contrastive loss that pulls each
+  strong view's embedding towards the weak views of the images its pseudo-label agrees with;
 * an exponential moving average (EMA) of the weights is the model that is evaluated: every
   ``eval_every`` steps on the validation images, the best EMA weights by validation accuracy
   are kept and returned.
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.comatch import CoMatch
 from training.finetune import Classifier
 from training.flexmatch import ClassThresholds
 from training.inference import accuracy, to_unit
@@ -63,6 +67,14 @@ class FixMatchConfig:
     align_momentum: float = 0.999  # running mean of the weak predictions for the alignment
     flex: bool = False  # FlexMatch class-wise thresholds (training/flexmatch.py)
     ema_teacher: bool = False  # pseudo-labels from the EMA weights instead of the raw model
+    # CoMatch (training/comatch.py), on when lambda_c > 0: graph-contrastive loss weight, graph
+    # threshold, embedding temperature, memory smoothing (1: none), queue rows, embedding size
+    lambda_c: float = 0.0
+    contrast_threshold: float = 0.8
+    contrast_temperature: float = 0.2
+    smooth_alpha: float = 0.9
+    queue_size: int = 2560
+    contrast_dim: int = 64
     # noise: weak = flip + shift; strong = weak, RandAugment (n_ops, magnitude 0..10), Cutout
     shift: int = 2
     n_ops: int = 2
@@ -92,6 +104,8 @@ class FixMatchConfig:
             raise ValueError(f"ema and align_momentum must be in [0, 1): {self.ema}")
         if self.shift < 0 or self.n_ops < 0 or not 0.0 <= self.magnitude <= 10.0:
             raise ValueError("need shift >= 0, n_ops >= 0, magnitude in [0, 10]")
+        if self.lambda_c < 0:
+            raise ValueError(f"lambda_c must be >= 0, got {self.lambda_c}")
         if not 0.0 <= self.cutout <= 1.0:
             raise ValueError(f"cutout must be in [0, 1], got {self.cutout}")
         bad = [op for op in self.ops if op not in OPS]
@@ -152,7 +166,7 @@ def lr_at(step: int, cfg: FixMatchConfig) -> float:
 
 
 def fixmatch_loss(
-    model: nn.Module,
+    model: Classifier,
     xl: torch.Tensor,
     yl: torch.Tensor,
     xu_weak: torch.Tensor,
@@ -161,30 +175,46 @@ def fixmatch_loss(
     *,
     align_state: dict[str, torch.Tensor] | None = None,
     thresholds: torch.Tensor | None = None,
-    teacher: nn.Module | None = None,
+    teacher: Classifier | None = None,
+    comatch: CoMatch | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One step's loss. The weak view is scored without gradient, by ``teacher`` when given
     (e.g. the EMA weights, in eval mode) else by ``model`` (train mode); the labeled and strong
     views go through one forward pass (shared batch-norm statistics). ``thresholds`` (per
-    class) replaces the fixed ``cfg.tau`` (FlexMatch)."""
+    class) replaces the fixed ``cfg.tau`` (FlexMatch). ``comatch`` adds CoMatch's memory
+    smoothing of the pseudo-labels and its graph-contrastive loss (``training.comatch``)."""
+    scorer = model if teacher is None else teacher
     with torch.no_grad():
-        probs = F.softmax((model if teacher is None else teacher)(xu_weak), 1)
+        fw = scorer.features(xu_weak)
+        probs = F.softmax(scorer.head(scorer.dropout(fw)), 1)
         if align_state is not None:
             m = align_state["mean"]
             m.mul_(cfg.align_momentum).add_(probs.mean(0), alpha=1 - cfg.align_momentum)
             probs = align(probs, m, align_state["prior"])
+        if comatch is not None:
+            zw, own = comatch.embed(fw), probs
+            probs = comatch.smooth(probs, zw)
         label, conf, mask = pseudo_labels(probs, cfg.tau)
         if thresholds is not None:
             mask = (conf >= thresholds[label]).to(probs.dtype)
-    logits = model(torch.cat([xl, xu_strong]))
+    feats = model.features(torch.cat([xl, xu_strong]))
+    logits = model.head(model.dropout(feats))
     ll, lu = logits[: len(xl)], logits[len(xl) :]
     loss_x = F.cross_entropy(ll, yl)
     loss_u = (F.cross_entropy(lu, label, reduction="none") * mask).mean()
     loss = loss_x + cfg.lambda_u * loss_u
+    loss_c = torch.zeros(())
+    if comatch is not None:
+        loss_c = comatch.loss(comatch.embed(feats[len(xl) :]), zw, probs)
+        loss = loss + cfg.lambda_c * loss_c
+        with torch.no_grad():
+            onehot = F.one_hot(yl, probs.shape[1]).to(probs.dtype)
+            comatch.push(torch.cat([zw, comatch.embed(feats[: len(xl)])]), torch.cat([own, onehot]))
     stats = {
         "loss": float(loss.detach()),
         "loss_x": float(loss_x.detach()),
         "loss_u": float(loss_u.detach()),
+        "loss_c": float(loss_c.detach()),
         "mask": float(mask.mean()),
         "label": label,
         "conf": conf,
@@ -197,7 +227,7 @@ def describe(row: dict[str, Any]) -> str:
     """One evaluation row as a line of text."""
     return (
         f"step {row['step']}: loss {row['loss']:.3f} (x {row['loss_x']:.3f}, "
-        f"u {row['loss_u']:.3f}) mask {row['mask']:.3f} "
+        f"u {row['loss_u']:.3f}, c {row.get('loss_c', 0.0):.3f}) mask {row['mask']:.3f} "
         f"pseudo-label precision {row['pseudo_precision_known']:.3f} "
         f"val {row['val_acc']:.4f} (raw weights {row.get('val_acc_model', float('nan')):.4f}) "
         f"cpu {row['cpu_seconds']:.0f}s"
@@ -205,6 +235,9 @@ def describe(row: dict[str, Any]) -> str:
 
 
 # -- the loop ------------------------------------------------------------------------------
+_STATS = ("loss", "loss_x", "loss_u", "loss_c", "mask")  # averaged per evaluation row
+
+
 def _val_acc(model: Classifier, val: tuple[np.ndarray, np.ndarray] | None) -> float:
     return float("nan") if val is None else accuracy(model, val[0], val[1])
 
@@ -253,10 +286,27 @@ def fixmatch(
 
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    comatch = (
+        CoMatch(
+            model.feature_dim,
+            k,
+            dim=cfg.contrast_dim,
+            queue_size=cfg.queue_size,
+            threshold=cfg.contrast_threshold,
+            temperature=cfg.contrast_temperature,
+            alpha=cfg.smooth_alpha,
+        )
+        if cfg.lambda_c > 0
+        else None
+    )
     model.to(dev)
+    if comatch is not None:
+        comatch.to(dev).train()
     xl_all, yl_all, xu_all = xl_all.to(dev), yl_all.to(dev), xu_all.to(dev)
     opt = torch.optim.SGD(
-        _param_groups(model, cfg.weight_decay),
+        _param_groups(
+            nn.ModuleList([model] if comatch is None else [model, comatch]), cfg.weight_decay
+        ),
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -284,6 +334,8 @@ def fixmatch(
         model.load_state_dict(s["model"])
         ema.load_state_dict(s["ema"])
         opt.load_state_dict(s["opt"])
+        if comatch is not None:
+            comatch.load_state_dict(s["comatch"])
         gen.set_state(s["gen"])
         torch.set_rng_state(s["torch_rng"])
         if align_state is not None:
@@ -304,7 +356,7 @@ def fixmatch(
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="fixmatch", unit="step")
-    acc_stats = {"loss": 0.0, "loss_x": 0.0, "loss_u": 0.0, "mask": 0.0, "n": 0}
+    acc_stats = dict.fromkeys(_STATS, 0.0) | {"n": 0}
     kept_n = kept_right = 0
     class_counts = torch.zeros(k, dtype=torch.int64)
     model.train()
@@ -328,6 +380,7 @@ def fixmatch(
             align_state=align_state,
             thresholds=thr,
             teacher=ema if cfg.ema_teacher else None,
+            comatch=comatch,
         )
         st["label"], st["conf"], st["kept"] = (st[key].cpu() for key in ("label", "conf", "kept"))
         if flex is not None:
@@ -336,7 +389,7 @@ def fixmatch(
         loss.backward()
         opt.step()
         ema_update(ema, model, cfg.ema)
-        for key in ("loss", "loss_x", "loss_u", "mask"):
+        for key in _STATS:
             acc_stats[key] += st[key]
         acc_stats["n"] += 1
         class_counts += torch.bincount(st["label"][st["kept"]], minlength=k)
@@ -354,7 +407,7 @@ def fixmatch(
             row: dict[str, Any] = {
                 "step": done,
                 "lr": lr_at(step, cfg),
-                **{key: acc_stats[key] / n for key in ("loss", "loss_x", "loss_u", "mask")},
+                **{key: acc_stats[key] / n for key in _STATS},
                 "pseudo_per_class": class_counts.tolist(),
                 "pseudo_precision_known": kept_right / kept_n if kept_n else float("nan"),
                 "pseudo_known_kept": kept_n,
@@ -376,7 +429,7 @@ def fixmatch(
                 on_eval(row, ema)
             if bar is not None:
                 bar.write(describe(row))
-            acc_stats = {"loss": 0.0, "loss_x": 0.0, "loss_u": 0.0, "mask": 0.0, "n": 0}
+            acc_stats = dict.fromkeys(_STATS, 0.0) | {"n": 0}
             kept_n = kept_right = 0
             class_counts.zero_()
             if ckpt is not None:
@@ -386,6 +439,7 @@ def fixmatch(
                     model=model.state_dict(),
                     ema=ema.state_dict(),
                     opt=opt.state_dict(),
+                    comatch=comatch.state_dict() if comatch is not None else None,
                     gen=gen.get_state(),
                     torch_rng=torch.get_rng_state(),
                     align=align_state,

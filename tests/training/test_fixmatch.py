@@ -44,11 +44,10 @@ def test_pseudo_labels_mask_and_threshold_exact() -> None:
         pseudo_labels(probs, 1.5)
 
 
-def linear_case(n_unlabeled: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_case(n_unlabeled: int) -> tuple[Classifier, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A 3-class linear model on 2x2 images, 2 labeled and ``n_unlabeled`` unlabeled ones."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    model.num_classes = 3  # type: ignore[assignment]
+    model = Classifier(nn.Flatten(), 4, 3)
     xl, yl = torch.randn(2, 1, 2, 2), torch.tensor([0, 1])
     return model, xl, yl, torch.randn(n_unlabeled, 1, 2, 2)
 

@@ -74,6 +74,21 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--flex", action="store_true", help="FlexMatch class-wise thresholds")
     ap.add_argument("--ema-teacher", action="store_true", help="pseudo-labels from the EMA weights")
     ap.add_argument(
+        "--lambda-c",
+        type=float,
+        default=d.lambda_c,
+        help="CoMatch graph-contrastive loss weight (0: off; training/comatch.py)",
+    )
+    ap.add_argument("--contrast-threshold", type=float, default=d.contrast_threshold)
+    ap.add_argument("--contrast-temperature", type=float, default=d.contrast_temperature)
+    ap.add_argument(
+        "--smooth-alpha",
+        type=float,
+        default=d.smooth_alpha,
+        help="CoMatch memory smoothing of the pseudo-labels (1: none)",
+    )
+    ap.add_argument("--queue-size", type=int, default=d.queue_size)
+    ap.add_argument(
         "--ops",
         default=",".join(OPS),
         help="comma-separated RandAugment operations of the strong view (default: all)",
@@ -152,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist_align=args.dist_align,
             flex=args.flex,
             ema_teacher=args.ema_teacher,
+            lambda_c=args.lambda_c,
+            contrast_threshold=args.contrast_threshold,
+            contrast_temperature=args.contrast_temperature,
+            smooth_alpha=args.smooth_alpha,
+            queue_size=args.queue_size,
             ops=ops,
             magnitude=args.magnitude,
             cutout=args.cutout,
