@@ -144,3 +144,20 @@ def test_fixmatch_experiment_starts_from_simclr_and_resumes_it(tmp_path) -> None
     assert simclr_init(again, images, args, seed=0) == record  # loaded, not retrained
     for k, v in again.backbone.state_dict().items():
         assert torch.equal(v, after[k])
+
+
+def test_fixmatch_experiment_runs_simclr_on_its_own_thread_count(tmp_path) -> None:
+    from training.experiments.fmnist_fixmatch import build_model, main, parse, simclr_init
+
+    args = parse(["--out", str(tmp_path), "--simclr-steps", "2", "--simclr-batch", "8",
+                  "--threads", "2", "--simclr-threads", "1"])  # fmt: skip
+    args.no_progress = True
+    images = np.random.default_rng(0).integers(0, 256, (16, 1, 28, 28)).astype(np.uint8)
+    was = torch.get_num_threads()
+    try:
+        record = simclr_init(build_model(args), images, args, seed=0)
+        assert record["threads"] == 1
+        assert torch.get_num_threads() == 2  # the FixMatch stage gets --threads back
+    finally:
+        torch.set_num_threads(was)
+    assert main(["--out", str(tmp_path / "x"), "--simclr-threads", "0"]) == 2

@@ -99,6 +99,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--simclr-steps", type=int, default=0, help="SimCLR pre-training steps first (0: none)"
     )
     ap.add_argument("--simclr-batch", type=int, default=128, help="images per SimCLR step")
+    ap.add_argument(
+        "--simclr-threads",
+        type=int,
+        default=None,
+        help="torch threads of the SimCLR stage (default: --threads); the thread count changes "
+        "the float rounding, so an exact rerun of a run uses its own",
+    )
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--test-curve", action="store_true", help="score test at every evaluation")
     ap.add_argument("--no-progress", action="store_true")
@@ -130,7 +137,11 @@ def simclr_init(
         seed=seed,
         progress=not args.no_progress,
     )
-    pre = pretrain_simclr(model.backbone, unlabeled, cfg)
+    torch.set_num_threads(args.simclr_threads or args.threads)
+    try:
+        pre = pretrain_simclr(model.backbone, unlabeled, cfg)
+    finally:
+        torch.set_num_threads(args.threads)
     last = pre.history[-1]
     record = {
         "config": cfg.to_dict(),
@@ -138,6 +149,7 @@ def simclr_init(
         "final_contrastive_acc": last["acc"],
         "cpu_seconds": pre.cpu_seconds,
         "wall_seconds": pre.wall_seconds,
+        "threads": args.simclr_threads or args.threads,
     }
     print(
         f"SimCLR: {cfg.steps} steps x {cfg.batch_size} images, loss {last['loss']:.3f}, "
@@ -153,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     try:
         device = resolve_device(args.device)
+        if args.threads < 1 or (args.simclr_threads is not None and args.simclr_threads < 1):
+            raise ValueError("--threads and --simclr-threads must be >= 1")
         ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
         train_seed = args.seed if args.train_seed is None else args.train_seed
         cfg = FixMatchConfig(
