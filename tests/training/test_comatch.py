@@ -7,7 +7,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.training.test_fixmatch import _tiny_model, _toy  # noqa: E402
+from tests.training.test_fixmatch import (  # noqa: E402
+    _tiny_model,
+    _toy,
+    interrupted_and_resumed,
+)
 from training.comatch import (  # noqa: E402
     CoMatch,
     graph_contrastive_loss,
@@ -95,19 +99,7 @@ def test_fixmatch_with_comatch_lowers_its_losses_and_resumes(tmp_path) -> None:
     assert res.best_val_acc >= 0.8
     # the projection head and the queue are in the checkpoint: an interrupted run resumes
     # exactly
-    torch.manual_seed(0)
-    ck = tmp_path / "ck.pt"
-
-    class Stop(Exception):
-        pass
-
-    def stop(row: dict, ema: object) -> None:
-        if row["step"] == 40:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv), checkpoint=ck, on_eval=stop)
-    resumed = fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv), checkpoint=ck)
+    resumed = interrupted_and_resumed(cfg, xl, yl, xu, (xv, yv), tmp_path / "ck.pt", at=40)
     keys = ("step", "loss", "loss_c", "mask", "val_acc")
     assert [[r[k] for k in keys] for r in resumed.history] == [
         [r[k] for k in keys] for r in res.history

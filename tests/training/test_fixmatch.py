@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from training.checkpoint import load_checkpoint  # noqa: E402
 from training.finetune import Classifier  # noqa: E402
 from training.fixmatch import (  # noqa: E402
     FixMatchConfig,
+    FixMatchResult,
     align,
     best_weights,
     ema_update,
@@ -131,6 +134,32 @@ def _tiny_model() -> Classifier:
     return Classifier(backbone, 8, 2)
 
 
+def interrupted_and_resumed(
+    cfg: FixMatchConfig,
+    xl: np.ndarray,
+    yl: np.ndarray,
+    xu: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray],
+    ck: Path,
+    at: int,
+) -> FixMatchResult:
+    """A ``fixmatch`` run (seed 0, ``_tiny_model``) stopped at the evaluation of step ``at``,
+    after the checkpoint of the evaluation before it, then resumed from that checkpoint."""
+
+    class Stop(Exception):
+        pass
+
+    def stop(row: dict, ema: nn.Module) -> None:
+        if row["step"] == at:  # after the previous evaluation's checkpoint, before this one's
+            raise Stop
+
+    torch.manual_seed(0)
+    with pytest.raises(Stop):
+        fixmatch(_tiny_model(), xl, yl, xu, cfg, val=val, checkpoint=ck, on_eval=stop)
+    assert torch.load(ck, weights_only=False)["step"] == at - cfg.eval_every
+    return fixmatch(_tiny_model(), xl, yl, xu, cfg, val=val, checkpoint=ck)
+
+
 def test_a_few_steps_learn_tiny_data_and_resume(tmp_path) -> None:
     rng = np.random.default_rng(0)
     xl, yl = _toy(8, rng)
@@ -154,20 +183,8 @@ def test_a_few_steps_learn_tiny_data_and_resume(tmp_path) -> None:
     # checkpoint of step 20 ends exactly like an uninterrupted one
     torch.manual_seed(0)
     full = fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv))
-
-    class Stop(Exception):
-        pass
-
-    def stop(row: dict, ema: nn.Module) -> None:
-        if row["step"] == 40:  # after the checkpoint of step 20, before that of step 40
-            raise Stop
-
     ck = tmp_path / "ck.pt"
-    torch.manual_seed(0)
-    with pytest.raises(Stop):
-        fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv), checkpoint=ck, on_eval=stop)
-    assert torch.load(ck, weights_only=False)["step"] == 20
-    resumed = fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv), checkpoint=ck)
+    resumed = interrupted_and_resumed(cfg, xl, yl, xu, (xv, yv), ck, at=40)
     keys = ("step", "loss", "mask", "val_acc")
     assert [[r[k] for k in keys] for r in resumed.history] == [
         [r[k] for k in keys] for r in full.history
