@@ -110,6 +110,12 @@ def metatrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale", type=float, nargs=2, default=[1.0, 1.0], metavar=("MIN", "MAX"))
     g.add_argument("--shear", type=float, default=0.0, help="random shear, +- degrees")
     g.add_argument("--stroke", type=float, default=0.0, help="stroke-width jitter, 0..1")
+    g.add_argument(
+        "--elastic",
+        type=float,
+        default=0.0,
+        help="elastic distortion: std of a smooth random displacement, fraction of the side",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -143,7 +149,9 @@ def metatrain_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     aug: dict[str, Any] = {
-        k: getattr(args, k) for k in ("degrees", "translate", "shear", "stroke") if getattr(args, k)
+        k: getattr(args, k)
+        for k in ("degrees", "translate", "shear", "stroke", "elastic")
+        if getattr(args, k)
     }
     if list(args.scale) != [1.0, 1.0]:
         aug["scale"] = list(args.scale)

@@ -24,12 +24,18 @@ class AugmentConfig:
     scale: tuple[float, float] = (1.0, 1.0)  # zoom range
     shear: float = 0.0  # +- degrees
     stroke: float = 0.0  # stroke-width jitter strength in [0, 1]
+    elastic: float = 0.0  # elastic distortion: displacement std, fraction of the image side
     background: float = 0.0
 
     @property
-    def enabled(self) -> bool:
+    def warps(self) -> bool:
+        """Whether pixels move (an affine or elastic resampling)."""
         affine = self.degrees or self.translate or self.shear or self.scale != (1.0, 1.0)
-        return bool(affine or self.stroke)
+        return bool(affine or self.elastic)
+
+    @property
+    def enabled(self) -> bool:
+        return self.warps or bool(self.stroke)
 
 
 @dataclass
