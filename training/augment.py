@@ -1,7 +1,7 @@
 """Episode augmentation on [0, 1] pixel batches: random affine, elastic distortion and
 stroke-width jitter.
 
-Both act per image with a caller-supplied ``torch.Generator`` (reproducible, resumable).
+Each acts per image with a caller-supplied ``torch.Generator`` (reproducible, resumable).
 ``background`` is the pixel value of empty paper (0 for inverted Omniglot ink, 1 for dark
 ink on white); the affine pads with it and the stroke jitter treats the other end as ink.
 Stroke width: each image gets ``s ~ U(-stroke, stroke)``; ``s > 0`` moves pixels a fraction
@@ -39,8 +39,9 @@ def elastic_field(n: int, h: int, w: int, strength: float, gen: torch.Generator)
     return field.permute(0, 2, 3, 1)
 
 
-def random_affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """The affine of ``cfg`` (identity where it has none), plus its elastic field if any."""
+def random_warp(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """One resampling: the random affine of ``cfg`` (identity where it has none) plus its
+    elastic field, if any."""
     n = x.shape[0]
     rot = _uniform(n, -cfg.degrees, cfg.degrees, gen) * (math.pi / 180)
     shear = _uniform(n, -cfg.shear, cfg.shear, gen) * (math.pi / 180)
@@ -80,5 +81,5 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
     if cfg.stroke:
         x = stroke_jitter(x, cfg.stroke, cfg.background, gen)
     if cfg.warps:
-        x = random_affine(x, cfg, gen)
+        x = random_warp(x, cfg, gen)
     return x.clamp(0.0, 1.0)

@@ -137,7 +137,8 @@ def simclr_init(
         seed=seed,
         progress=not args.no_progress,
     )
-    torch.set_num_threads(args.simclr_threads or args.threads)
+    threads = args.simclr_threads or args.threads
+    torch.set_num_threads(threads)
     try:
         pre = pretrain_simclr(model.backbone, unlabeled, cfg)
     finally:
@@ -149,7 +150,7 @@ def simclr_init(
         "final_contrastive_acc": last["acc"],
         "cpu_seconds": pre.cpu_seconds,
         "wall_seconds": pre.wall_seconds,
-        "threads": args.simclr_threads or args.threads,
+        "threads": threads,
     }
     print(
         f"SimCLR: {cfg.steps} steps x {cfg.batch_size} images, loss {last['loss']:.3f}, "
