@@ -71,7 +71,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", default="10,20,40", help="step counts to score after")
     ap.add_argument("--queries", type=int, default=3, help="pseudo-queries per support, per step")
     ap.add_argument("--threads", type=int, default=1)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        args.marks = sorted({int(s) for s in args.steps.split(",")})
+    except ValueError:
+        ap.error(f"--steps takes comma-separated step counts, got {args.steps!r}")
+    if args.marks[0] < 1 or args.episodes < 1 or args.queries < 1 or args.lr <= 0:
+        ap.error("--steps, --episodes and --queries must be >= 1 and --lr > 0")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parse(argv)
     torch.set_num_threads(args.threads)
-    marks = sorted({int(s) for s in args.steps.split(",")})
+    marks = args.marks
     state = load_checkpoint(args.checkpoint)
     cfg = TrainConfig.from_dict({**state["config"], "split_seed": args.split_seed})
     _, ds = build_data(cfg, state["preprocess"])
