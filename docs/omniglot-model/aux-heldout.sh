@@ -8,6 +8,8 @@
 # per pair on the 2-core machine, so the four runs take about two hours).
 #
 #   bash docs/omniglot-model/aux-heldout.sh [OUT_DIR]      (needs `make setup`)
+#   SPLITS="8 4" bash docs/omniglot-model/aux-heldout.sh   the recipe alone on other split seeds
+#   (8: Japanese (katakana) + Tagalog held out; 4: Balinese + Early Aramaic + Greek)
 set -eu
 OUT=${1:-runs/aux-heldout}
 PARALLEL=${PARALLEL:-2}
@@ -32,6 +34,10 @@ run() {  # NAME SPLIT_SEED AUX_WEIGHT
   done
 }
 ROWS=("split2_aux0 2 0" "split2_aux0.5 2 0.5" "split0_aux0 0 0" "split0_aux0.5 0 0.5")
+if [ -n "${SPLITS:-}" ]; then  # e.g. SPLITS="8 4": only the recipe (--aux-weight 0.5) on these
+  ROWS=()
+  for s in $SPLITS; do ROWS+=("split${s}_aux0.5 $s 0.5"); done
+fi
 for row in "${ROWS[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 10; done
   # shellcheck disable=SC2086
