@@ -1,6 +1,6 @@
 """Test-time fine-tuning on the support set (P>M>F: Hu et al., "Pushing the Limits of Simple
 Pipelines for Few-Shot Learning", CVPR 2022), measured on the held-out within-alphabet proxy
-(docs/omniglot-model.md, "Test-time fine-tuning on the support set").
+(docs/omniglot-model/not-kept.md, "Test-time fine-tuning on the support set").
 
 For every episode a copy of the backbone is fine-tuned on pseudo-episodes built from the
 episode's own support images alone: each step draws ``1 + queries`` augmented copies of every
