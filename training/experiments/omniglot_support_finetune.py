@@ -5,10 +5,11 @@ Pipelines for Few-Shot Learning", CVPR 2022), measured on the held-out within-al
 For every episode a copy of the backbone is fine-tuned on pseudo-episodes built from the
 episode's own support images alone: each step draws ``1 + queries`` augmented copies of every
 support (the recipe's own augmentation), the first copy is the pseudo-support and the others
-its pseudo-queries, under the ProtoNet loss (squared euclidean distance). BatchNorm keeps its
-trained statistics. The episode is then scored with the 27-view average embedding as served,
-before fine-tuning and after each step count asked for. A research script: it needs torch, so
-it could only ever be an offline path, never the torch-free server's.
+its pseudo-queries, under the checkpoint's own few-shot loss (for the default model the
+ProtoNet's squared euclidean distance). BatchNorm keeps its trained statistics. The episode
+is then scored with the 27-view average embedding as served, before fine-tuning and after
+each step count asked for. A research script: it needs torch, so it could only ever be an
+offline path, never the torch-free server's.
 
     python -m training.experiments.omniglot_support_finetune CKPT --split-seed S \
         [--episodes 200] [--lr 1e-4] [--steps 10,20,40] [--queries 3]
@@ -26,14 +27,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from training.augment import AugmentConfig, augment
+from training.methods.base import FewShotClassifier
 
 
 def finetune_on_support(
-    backbone: nn.Module,
+    method: FewShotClassifier,
     support: torch.Tensor,
     normalise: Callable[[torch.Tensor], torch.Tensor],
     aug: AugmentConfig,
@@ -41,19 +42,18 @@ def finetune_on_support(
     lr: float,
     queries: int,
     gen: torch.Generator,
-    on_step: Callable[[int, nn.Module, float], None] | None = None,
-) -> nn.Module:
-    """A fine-tuned copy of ``backbone`` (the original is untouched). ``support`` is one
-    [0, 1] image per class, [N, C, H, W]; ``on_step(step, model, loss)`` runs after each step."""
-    model = copy.deepcopy(backbone).eval()  # eval: BatchNorm keeps its trained statistics
+    on_step: Callable[[int, FewShotClassifier, float], None] | None = None,
+) -> FewShotClassifier:
+    """A fine-tuned copy of ``method`` (the original is untouched), trained with its own
+    ``forward`` and ``loss``. ``support`` is one [0, 1] image per class, [N, C, H, W];
+    ``on_step(step, model, loss)`` runs after each step."""
+    model = copy.deepcopy(method).eval()  # eval: BatchNorm keeps its trained statistics
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(support)
-    target = torch.arange(n).repeat(queries)
+    labels = torch.arange(n)
     for step in range(1, steps + 1):
-        copies = augment(support.repeat(1 + queries, 1, 1, 1), aug, gen)  # copy-major
-        feats = model(normalise(copies))
-        logits = -(torch.cdist(feats[n:], feats[:n]) ** 2)
-        loss = F.cross_entropy(logits, target)
+        copies = normalise(augment(support.repeat(1 + queries, 1, 1, 1), aug, gen))  # copy-major
+        loss = model.loss(model(copies[:n], labels, copies[n:]), labels.repeat(queries))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -112,13 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sx, qx = ds.batch(ep.support, ep.support_turns), ds.batch(ep.query, ep.query_turns)
         scores[0].append(accuracy(method.backbone, sx, qx, ep.query_labels))
 
-        def score(step: int, model: nn.Module, _loss: float) -> None:
+        def score(step: int, model: FewShotClassifier, _loss: float) -> None:
             if step in scores:
-                scores[step].append(accuracy(model, sx, qx, ep.query_labels))  # noqa: B023
+                scores[step].append(accuracy(model.backbone, sx, qx, ep.query_labels))  # noqa: B023
 
         gen = torch.Generator().manual_seed(1000 + i)
         finetune_on_support(
-            method.backbone, sx, ds.normalise, aug, marks[-1], args.lr, args.queries, gen, score
+            method, sx, ds.normalise, aug, marks[-1], args.lr, args.queries, gen, score
         )
         if (i + 1) % 25 == 0:
             means = {k: round(100 * float(np.mean(v)), 2) for k, v in scores.items()}
