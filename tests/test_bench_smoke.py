@@ -28,6 +28,12 @@ def test_kernels_bench() -> None:
     assert "FAISS" in out or "faiss" in out
 
 
+def test_training_step_bench() -> None:
+    pytest.importorskip("torch")
+    out = run_bench("bench/training_step.py", "--threads", "1", "--steps", "1", "--rounds", "1")
+    assert out.count("channels-last bf16") == 2 and "FixMatch step" in out
+
+
 @pytest.mark.slow
 def test_backbones_bench() -> None:
     pytest.importorskip("open_clip")

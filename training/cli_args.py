@@ -120,6 +120,13 @@ def metatrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads", type=int, default=1, help="torch threads")
     g.add_argument(
+        "--precision",
+        default=d.precision,
+        choices=["fp32", "bf16"],
+        help="bf16: the backbone trains under bfloat16 autocast (about 1.5x faster on CPUs with "
+        "AVX512-BF16 or AMX, and on GPUs); prototypes and distances stay float32",
+    )
+    g.add_argument(
         "--device",
         default="auto",
         help="torch device to train on: auto (cuda when one is visible, else cpu), cpu, cuda, "
@@ -201,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         val_query=args.val_query,
         val_within_superclass=args.val_within_alphabet,
         val_split_drawers=args.val_split_drawers,
+        precision=args.precision,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from training.data.imageset import ImageSet
 
 DATASETS = ("omniglot", "fashion-mnist", "folder")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class TrainConfig:
     val_query: int = 15
     val_within_superclass: bool = False  # validation episodes within one alphabet
     val_split_drawers: bool = False  # validation supports and queries by different drawers
+    # "bf16": the backbone runs under bfloat16 autocast in training (distances stay float32)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -94,6 +97,10 @@ class TrainConfig:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
         if self.aux_weight and self.method != "protonet":
             raise ValueError(f"aux_weight is for protonet, not {self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision != "fp32" and self.method in ("maml", "fomaml"):
+            raise ValueError(f"precision {self.precision!r} is not for {self.method!r}")
         if self.crop not in ("none", "ink"):
             raise ValueError(f"crop must be none or ink, got {self.crop!r}")
         if self.crop != "none" and self.dataset != "omniglot":

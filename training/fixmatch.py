@@ -44,6 +44,7 @@ from torch import nn
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.comatch import CoMatch
+from training.devices import channels_last
 from training.finetune import Classifier
 from training.flexmatch import ClassThresholds
 from training.inference import accuracy, to_unit
@@ -299,7 +300,7 @@ def fixmatch(
         if cfg.lambda_c > 0
         else None
     )
-    model.to(dev)
+    model.to(dev, memory_format=torch.channels_last)  # 1.2-1.5x faster convolutions on the CPU
     if comatch is not None:
         comatch.to(dev).train()
     xl_all, yl_all, xu_all = xl_all.to(dev), yl_all.to(dev), xu_all.to(dev)
@@ -365,10 +366,10 @@ def fixmatch(
             g["lr"] = lr_at(step, cfg)
         il = torch.randint(len(xl_all), (cfg.batch_size,), generator=gen)
         iu = torch.randint(len(xu_all), (cfg.mu * cfg.batch_size,), generator=gen)
-        xl = weak_augment(xl_all[il], gen, shift=cfg.shift)
+        xl = channels_last(weak_augment(xl_all[il], gen, shift=cfg.shift))
         xu = to_unit(xu_all[iu])
-        xw = weak_augment(xu, gen, shift=cfg.shift)
-        xs = strong(xu)
+        xw = channels_last(weak_augment(xu, gen, shift=cfg.shift))
+        xs = channels_last(strong(xu))
         thr = flex.thresholds(cfg.tau).to(dev) if flex is not None else None
         loss, st = fixmatch_loss(
             model,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import TrainConfig
+from training.config import TrainConfig, build_method
 from training.data import ImageSet, split_classes
 from training.metatrain import CHECKPOINT, load_checkpoint, lr_lambda, metatrain
 
@@ -88,11 +88,46 @@ def test_checkpoint_from_before_a_new_config_field_resumes(tmp_path: Path, data)
     assert metatrain(cfg, tmp_path, progress=False, data=data)["step"] == 6
 
 
+def test_bf16_trains_and_keeps_float32_weights_and_distances(tmp_path: Path, data) -> None:
+    """``precision="bf16"``: the loss falls as in float32, the checkpoint holds float32 weights
+    (what export reads), the features reach the distance as float32 and stay close to the
+    float32 pass, and the run resumes exactly."""
+    cfg = tiny_config(episodes=60, augment={}, lr=1e-2, precision="bf16")
+    kw = {"progress": False, "data": data, "log_every": 10}
+    out = metatrain(cfg, tmp_path / "a", **kw)
+    losses = [r["loss"] for r in out["train"]]
+    assert losses[-1] < 0.6 * losses[0], losses
+    state = load_checkpoint(tmp_path / "a" / CHECKPOINT)
+    assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+    method = build_method(cfg, data[0].num_channels, data[0].size)
+    method.load_state_dict(state["model"])
+    method.eval()
+    x = data[1].normalise(data[1].batch(range(12), [0] * 12))
+    full = method.embed(x)
+    method.autocast_dtype = torch.bfloat16
+    half = method.embed(x)
+    assert half.dtype == torch.float32
+    assert (half - full).norm() < 0.05 * full.norm()
+    short = tiny_config(episodes=6, precision="bf16")
+    kw = {**kw, "log_every": 1, "checkpoint_every": 2}
+    straight = metatrain(short, tmp_path / "b", **kw)
+    metatrain(short, tmp_path / "c", stop_after=3, **kw)
+    resumed = metatrain(short, tmp_path / "c", **kw)
+    assert [r["loss"] for r in straight["train"]] == [r["loss"] for r in resumed["train"]]
+
+
 def test_aux_weight_is_checked() -> None:
     with pytest.raises(ValueError, match="aux_weight must be >= 0"):
         TrainConfig(aux_weight=-1.0)
     with pytest.raises(ValueError, match="aux_weight is for protonet, not 'maml'"):
         TrainConfig(method="maml", aux_weight=0.5)
+
+
+def test_precision_is_checked() -> None:
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="precision 'bf16' is not for 'maml'"):
+        TrainConfig(method="maml", precision="bf16")
 
 
 def test_run_folder_contents(tmp_path: Path, data) -> None:

@@ -75,6 +75,10 @@ class FewShotClassifier(nn.Module):
         self.log_scale = nn.Parameter(
             torch.tensor(float(scale)).log(), requires_grad=distance == "cosine"
         )
+        # a dtype (torch.bfloat16) runs the backbone under autocast; its features come back as
+        # float32, so prototypes, distances and losses never lose precision (a training setting,
+        # not saved with the weights)
+        self.autocast_dtype: torch.dtype | None = None
 
     @property
     def metric(self) -> str:
@@ -82,7 +86,11 @@ class FewShotClassifier(nn.Module):
         return self.distance
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.backbone(x)
+        if self.autocast_dtype is None:
+            out: torch.Tensor = self.backbone(x)
+        else:
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+                out = self.backbone(x).float()
         if out.ndim != 2:
             raise ValueError(f"the backbone must return [B, D], got {tuple(out.shape)}")
         return out
