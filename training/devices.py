@@ -4,6 +4,9 @@ training batches take."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -37,3 +40,31 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     model moved with ``memory_format=torch.channels_last`` run 1.4-1.6x faster on the CPU
     (oneDNN; measured on Conv-4 and the FixMatch CNN) than with contiguous batches."""
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def autocast_call(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """``fn(x)``, under autocast to ``dtype`` when one is given (e.g. a backbone in bfloat16),
+    with the result back in float32, so what follows (prototypes, distances, heads, losses)
+    never runs in the lower precision."""
+    if dtype is None:
+        return fn(x)
+    with torch.autocast(x.device.type, dtype=dtype):
+        return fn(x).float()
+
+
+@contextmanager
+def full_precision(*models: nn.Module) -> Iterator[None]:
+    """Turns off the ``autocast_dtype`` of models that have one for the block (evaluation
+    scores in float32, as the exported model serves), then puts it back."""
+    saved = [getattr(m, "autocast_dtype", None) for m in models]
+    for m in models:
+        if hasattr(m, "autocast_dtype"):
+            m.autocast_dtype = None
+    try:
+        yield
+    finally:
+        for m, dtype in zip(models, saved, strict=True):
+            if hasattr(m, "autocast_dtype"):
+                m.autocast_dtype = dtype

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.devices import autocast_call
 from training.inference import accuracy, to_unit
 
 MODES = ("full", "linear", "two-stage")
@@ -49,9 +50,12 @@ class Classifier(nn.Module):
         self.feature_dim, self.num_classes = feature_dim, num_classes
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_classes)
+        # torch.bfloat16: the backbone runs under autocast, its features return as float32
+        # (the head, softmax and losses stay float32); a training setting, not saved
+        self.autocast_dtype: torch.dtype | None = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        f: torch.Tensor = self.backbone(x)
+        f: torch.Tensor = autocast_call(self.backbone, x, self.autocast_dtype)
         f = f.flatten(1) if f.ndim > 2 else f
         if f.shape[1] != self.feature_dim:
             raise ValueError(

@@ -44,7 +44,7 @@ from torch import nn
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.comatch import CoMatch
-from training.devices import channels_last
+from training.devices import channels_last, full_precision
 from training.finetune import Classifier
 from training.flexmatch import ClassThresholds
 from training.inference import accuracy, to_unit
@@ -85,6 +85,8 @@ class FixMatchConfig:
     eval_every: int = 250
     seed: int = 0
     progress: bool = True
+    # "bf16": the backbone trains under bfloat16 autocast (heads, softmax, losses float32)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.mu < 1 or self.eval_every < 1:
@@ -113,6 +115,8 @@ class FixMatchConfig:
         if not self.ops or bad:
             raise ValueError(f"ops must be a non-empty subset of {', '.join(OPS)}; got {bad}")
         object.__setattr__(self, "ops", tuple(self.ops))
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -240,7 +244,8 @@ _STATS = ("loss", "loss_x", "loss_u", "loss_c", "mask")  # averaged per evaluati
 
 
 def _val_acc(model: Classifier, val: tuple[np.ndarray, np.ndarray] | None) -> float:
-    return float("nan") if val is None else accuracy(model, val[0], val[1])
+    with full_precision(model):  # scored as the exported model serves
+        return float("nan") if val is None else accuracy(model, val[0], val[1])
 
 
 def fixmatch(
@@ -301,6 +306,7 @@ def fixmatch(
         else None
     )
     model.to(dev, memory_format=torch.channels_last)  # 1.2-1.5x faster convolutions on the CPU
+    model.autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     if comatch is not None:
         comatch.to(dev).train()
     xl_all, yl_all, xu_all = xl_all.to(dev), yl_all.to(dev), xu_all.to(dev)
@@ -330,7 +336,7 @@ def fixmatch(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
         s = load_checkpoint(ckpt)
-        if s["config"] != cfg.to_dict():
+        if {**FixMatchConfig().to_dict(), **s["config"]} != cfg.to_dict():  # newer fields
             raise ValueError(f"checkpoint {ckpt} was written with another config")
         model.load_state_dict(s["model"])
         ema.load_state_dict(s["ema"])
@@ -454,6 +460,7 @@ def fixmatch(
     if bar is not None:
         bar.close()
     ema.load_state_dict(best["state"])
+    ema.autocast_dtype = model.autocast_dtype = None  # the returned model predicts in float32
     return FixMatchResult(
         model=ema,
         best_step=int(best["step"]),

@@ -23,7 +23,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig, build_data, build_method
 from training.data.imageset import ImageSet
 from training.data.sampler import EpisodeSampler
-from training.devices import channels_last, resolve_device
+from training.devices import channels_last, full_precision, resolve_device
 from training.evaluate import embed_all, evaluate_embeddings, evaluate_method, torch_encoder
 from training.methods import MAML, PrototypicalNetworks, feature_dim
 from training.methods.aux_head import CosineClassifier
@@ -76,15 +76,12 @@ def validate(method: Any, val: ImageSet, cfg: TrainConfig, step: int) -> dict[st
         "within_superclass": cfg.val_within_superclass,
         "split_drawers": cfg.val_split_drawers,
     }
-    dtype, method.autocast_dtype = method.autocast_dtype, None
-    try:
+    with full_precision(method):
         if isinstance(method, PrototypicalNetworks):
             emb = embed_all(val, torch_encoder(method))
             res = evaluate_embeddings(emb, val, method.metric, **kw)
         else:
             res = evaluate_method(method, val, **kw)
-    finally:
-        method.autocast_dtype = dtype
     return {"step": step, **res.to_dict()}
 
 

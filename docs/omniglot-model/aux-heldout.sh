@@ -10,6 +10,8 @@
 #   bash docs/omniglot-model/aux-heldout.sh [OUT_DIR]      (needs `make setup`)
 #   SPLITS="8 4" bash docs/omniglot-model/aux-heldout.sh   the recipe alone on other split seeds
 #   (8: Japanese (katakana) + Tagalog held out; 4: Balinese + Early Aramaic + Greek)
+#   SPLITS="2" TAG=_bf16_9k EXTRA="--precision bf16 --episodes 9000" bash ...
+#   EXTRA: more metatrain options (a later --episodes wins); TAG: appended to the run names
 set -eu
 OUT=${1:-runs/aux-heldout}
 PARALLEL=${PARALLEL:-2}
@@ -23,7 +25,8 @@ RECIPE="--backbone conv4 --method protonet --distance l2 --size 32 --way 60 --sh
 run() {  # NAME SPLIT_SEED AUX_WEIGHT
   local r="$OUT/$1"
   # shellcheck disable=SC2086
-  $P train metatrain --out "$r" $RECIPE --split-seed "$2" --aux-weight "$3" > "$r.log" 2>&1
+  $P train metatrain --out "$r" $RECIPE --split-seed "$2" --aux-weight "$3" ${EXTRA:-} \
+    > "$r.log" 2>&1
   $P train export --checkpoint "$r/checkpoint.pt" --out "$r/v27" --overwrite \
     --shift-average 3 --rotate-average 10 >> "$r.log" 2>&1
   for args in "--query 1" "--query 5" "--query 1 --transductive"; do
@@ -36,7 +39,7 @@ run() {  # NAME SPLIT_SEED AUX_WEIGHT
 ROWS=("split2_aux0 2 0" "split2_aux0.5 2 0.5" "split0_aux0 0 0" "split0_aux0.5 0 0.5")
 if [ -n "${SPLITS:-}" ]; then  # e.g. SPLITS="8 4": only the recipe (--aux-weight 0.5) on these
   ROWS=()
-  for s in $SPLITS; do ROWS+=("split${s}_aux0.5 $s 0.5"); done
+  for s in $SPLITS; do ROWS+=("split${s}_aux0.5${TAG:-} $s 0.5"); done
 fi
 for row in "${ROWS[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 10; done

@@ -110,6 +110,7 @@ def test_cosine_schedule() -> None:
         {"magnitude": 11.0},
         {"cutout": 2.0},
         {"momentum": 1.0},
+        {"precision": "fp16"},
     ],
 )
 def test_bad_config_raises(kwargs: dict) -> None:
@@ -197,6 +198,36 @@ def test_a_few_steps_learn_tiny_data_and_resume(tmp_path) -> None:
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(weights[name], value), name
     assert best_weights(dict(resumed.model.state_dict())) is None  # a plain state dict
+
+
+def test_bf16_learns_resumes_and_returns_a_float32_model(tmp_path) -> None:
+    """``precision="bf16"``: the tiny task is learnt as in float32, validation and the returned
+    model score in float32, and a checkpoint written before the field existed resumes."""
+    rng = np.random.default_rng(0)
+    xl, yl = _toy(8, rng)
+    xu, _ = _toy(200, rng)
+    xv, yv = _toy(100, rng)
+    cfg = FixMatchConfig(
+        steps=40, batch_size=8, mu=2, lr=0.05, ema=0.9, eval_every=20, progress=False,
+        tau=0.8, shift=1, magnitude=3.0, cutout=0.25, precision="bf16",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    res = fixmatch(_tiny_model(), xl, yl, xu, cfg, val=(xv, yv))
+    assert res.best_val_acc >= 0.9
+    assert res.model.autocast_dtype is None
+    assert res.model(torch.rand(3, 1, 8, 8)).dtype == torch.float32
+    assert accuracy(res.model, xv, yv) == pytest.approx(res.best_val_acc)
+    ck = tmp_path / "ck.pt"
+    resumed = interrupted_and_resumed(cfg, xl, yl, xu, (xv, yv), ck, at=40)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in res.history]
+    plain = FixMatchConfig(**{**cfg.to_dict(), "precision": "fp32", "steps": 20})
+    torch.manual_seed(0)
+    fixmatch(_tiny_model(), xl, yl, xu, plain, val=(xv, yv), checkpoint=tmp_path / "old.pt")
+    state = torch.load(tmp_path / "old.pt", weights_only=False)
+    del state["config"]["precision"]  # written before the field existed
+    torch.save(state, tmp_path / "old.pt")
+    again = fixmatch(_tiny_model(), xl, yl, xu, plain, checkpoint=tmp_path / "old.pt")
+    assert again.best_step == 20
 
 
 def test_bad_inputs_raise() -> None:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.devices import autocast_call
+
 DISTANCES = ("l2", "cosine")
 
 
@@ -86,11 +88,7 @@ class FewShotClassifier(nn.Module):
         return self.distance
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.autocast_dtype is None:
-            out: torch.Tensor = self.backbone(x)
-        else:
-            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-                out = self.backbone(x).float()
+        out: torch.Tensor = autocast_call(self.backbone, x, self.autocast_dtype)
         if out.ndim != 2:
             raise ValueError(f"the backbone must return [B, D], got {tuple(out.shape)}")
         return out
