@@ -2,15 +2,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from tests.training.test_fixmatch import (  # noqa: E402
     _tiny_model,
-    _toy,
     interrupted_and_resumed,
+    toy_semisup,
 )
 from training.comatch import (  # noqa: E402
     CoMatch,
@@ -82,10 +81,7 @@ def test_queue_keeps_the_newest_rows() -> None:
 
 
 def test_fixmatch_with_comatch_lowers_its_losses_and_resumes(tmp_path) -> None:
-    rng = np.random.default_rng(0)
-    xl, yl = _toy(8, rng)
-    xu, _ = _toy(200, rng)
-    xv, yv = _toy(100, rng)
+    xl, yl, xu, (xv, yv) = toy_semisup()
     cfg = FixMatchConfig(
         steps=60, batch_size=8, mu=2, lr=0.05, ema=0.9, eval_every=20, progress=False,
         tau=0.8, shift=1, magnitude=3.0, cutout=0.25, lambda_c=1.0, queue_size=40,

@@ -128,6 +128,14 @@ def _toy(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.uint8), y
 
 
+def toy_semisup() -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """8 labeled, 200 unlabeled and 100 validation toy images (seed 0)."""
+    rng = np.random.default_rng(0)
+    xl, yl = _toy(8, rng)
+    xu, _ = _toy(200, rng)
+    return xl, yl, xu, _toy(100, rng)
+
+
 def _tiny_model() -> Classifier:
     backbone = nn.Sequential(
         nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8)
@@ -203,10 +211,7 @@ def test_a_few_steps_learn_tiny_data_and_resume(tmp_path) -> None:
 def test_bf16_learns_resumes_and_returns_a_float32_model(tmp_path) -> None:
     """``precision="bf16"``: the tiny task is learnt as in float32, validation and the returned
     model score in float32, and a checkpoint written before the field existed resumes."""
-    rng = np.random.default_rng(0)
-    xl, yl = _toy(8, rng)
-    xu, _ = _toy(200, rng)
-    xv, yv = _toy(100, rng)
+    xl, yl, xu, (xv, yv) = toy_semisup()
     cfg = FixMatchConfig(
         steps=40, batch_size=8, mu=2, lr=0.05, ema=0.9, eval_every=20, progress=False,
         tau=0.8, shift=1, magnitude=3.0, cutout=0.25, precision="bf16",

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from tests.training.test_fixmatch import _tiny_model, _toy, linear_case  # noqa: E402
+from tests.training.test_fixmatch import _tiny_model, linear_case, toy_semisup  # noqa: E402
 from training.fixmatch import FixMatchConfig, fixmatch, fixmatch_loss  # noqa: E402
 from training.flexmatch import ClassThresholds, convex_map  # noqa: E402
 from training.inference import accuracy  # noqa: E402
@@ -62,10 +61,7 @@ def test_loss_uses_the_class_thresholds() -> None:
 
 
 def test_flex_run_learns_and_resumes(tmp_path) -> None:
-    rng = np.random.default_rng(0)
-    xl, yl = _toy(8, rng)
-    xu, _ = _toy(200, rng)
-    xv, yv = _toy(100, rng)
+    xl, yl, xu, (xv, yv) = toy_semisup()
     cfg = FixMatchConfig(
         steps=40, batch_size=8, mu=2, lr=0.05, ema=0.9, eval_every=20, progress=False,
         tau=0.8, flex=True, shift=1, magnitude=3.0, cutout=0.25,
