@@ -1,6 +1,6 @@
 """One training step, three ways, same run: contiguous (NCHW) float32, channels-last float32
-(what ``protoserve train metatrain`` and FixMatch now use) and channels-last under bfloat16
-autocast (``metatrain --precision bf16``).
+(what ``protoserve train metatrain`` and FixMatch now use) and channels-last with the backbone
+under bfloat16 autocast (``--precision bf16`` of both; heads, distances and losses float32).
 
     python bench/training_step.py [--threads 2] [--steps 20] [--rounds 3]
 
@@ -9,8 +9,7 @@ Two steps are timed: a meta-training episode of the shipped Omniglot recipe (Con
 on them) and a FixMatch step on Fashion-MNIST's CNN (64 labeled + 448 weak + 448 strong
 28x28 images). Each is forward, backward and optimiser step; the variants run in interleaved
 rounds and each reports its best round. Ratios are to contiguous float32. The bf16 speed needs
-a CPU with AVX512-BF16 or AMX (or a GPU); elsewhere it can be slower than float32. FixMatch has
-no bf16 option (its bf16 row runs the whole step under autocast, to show what one would buy).
+a CPU with AVX512-BF16 or AMX (or a GPU); elsewhere it can be slower than float32.
 """
 
 from __future__ import annotations
@@ -74,11 +73,11 @@ def fixmatch_step(variant: str) -> Callable[[], None]:
     )
     yl = torch.randint(10, (b,), generator=gen)
     model.train()
-    bf16 = variant.endswith("bf16")
+    if variant.endswith("bf16"):
+        model.autocast_dtype = torch.bfloat16
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = fixmatch_loss(model, xl, yl, xw, xs, cfg)
+        loss, _ = fixmatch_loss(model, xl, yl, xw, xs, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -44,6 +44,7 @@ from torch import nn
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.comatch import CoMatch
+from training.config import PRECISIONS
 from training.devices import channels_last, full_precision
 from training.finetune import Classifier
 from training.flexmatch import ClassThresholds
@@ -115,8 +116,8 @@ class FixMatchConfig:
         if not self.ops or bad:
             raise ValueError(f"ops must be a non-empty subset of {', '.join(OPS)}; got {bad}")
         object.__setattr__(self, "ops", tuple(self.ops))
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.config import PRECISIONS
 from training.data.fashion_mnist import load_fashion_mnist
 from training.data.semisup import semisup_split
 from training.devices import resolve_device
@@ -61,7 +62,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
+        choices=PRECISIONS,
         default=d.precision,
         help="bf16: the network trains under bfloat16 autocast (about 2x faster per step on "
         "CPUs with AVX512-BF16; bench/training_step.py); scoring stays float32",
