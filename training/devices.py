@@ -55,16 +55,12 @@ def autocast_call(
 
 
 @contextmanager
-def full_precision(*models: nn.Module) -> Iterator[None]:
-    """Turns off the ``autocast_dtype`` of models that have one for the block (evaluation
-    scores in float32, as the exported model serves), then puts it back."""
-    saved = [getattr(m, "autocast_dtype", None) for m in models]
-    for m in models:
-        if hasattr(m, "autocast_dtype"):
-            m.autocast_dtype = None
+def full_precision(model: nn.Module) -> Iterator[None]:
+    """Turns off ``model.autocast_dtype`` (a few-shot method's or a classifier's) for the block,
+    so evaluation scores in float32 as the exported model serves, then puts it back."""
+    saved = model.autocast_dtype
+    model.autocast_dtype = None
     try:
         yield
     finally:
-        for m, dtype in zip(models, saved, strict=True):
-            if hasattr(m, "autocast_dtype"):
-                m.autocast_dtype = dtype
+        model.autocast_dtype = saved
